@@ -1,0 +1,74 @@
+//! The `scholia` command: parses the command line and hands each subcommand to the
+//! component that does the work.
+
+mod client;
+mod config;
+mod demo;
+mod serve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use config::ServeArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "scholia",
+    version,
+    about = "Event-sourced annotations over immutable records, with history you can rewind."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (all roles by default).
+    Serve(ServeArgs),
+    /// Run the embedded service with synthetic producers, and print the page's URL.
+    Demo(ServeArgs),
+    /// Send an NDJSON or CSV file of records to the service.
+    Ingest(client::IngestArgs),
+    /// List or apply analyses.
+    Analyses {
+        #[command(subcommand)]
+        command: client::AnalysesCommand,
+    },
+    /// Invalidate a date range of an analysis and follow the rebuild until it is done.
+    Invalidate(client::InvalidateArgs),
+    /// List or apply schedules of preemptive rebuilds.
+    Schedules {
+        #[command(subcommand)]
+        command: client::SchedulesCommand,
+    },
+    /// Show a record's partition and the annotations built from it.
+    Lineage { data_id: String },
+    /// Watch an analysis over a date range, live, in the terminal.
+    Watch(client::WatchArgs),
+    /// Manage tokens.
+    Token {
+        #[command(subcommand)]
+        command: client::TokenCommand,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::serve(args.into_config()?, false).await,
+            Command::Demo(args) => serve::serve(args.into_config()?, true).await,
+            Command::Ingest(args) => client::ingest(args).await,
+            Command::Analyses { command } => client::analyses(command).await,
+            Command::Invalidate(args) => client::invalidate(args).await,
+            Command::Schedules { command } => client::schedules(command).await,
+            Command::Lineage { data_id } => client::lineage(&data_id).await,
+            Command::Watch(args) => client::watch(args).await,
+            Command::Token { command } => client::token(command).await,
+        }
+    })
+}

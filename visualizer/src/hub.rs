@@ -1,0 +1,688 @@
+//! The websocket hub: subscriptions, their index by analysis, and the fan-out of
+//! changes to them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
+use axum::routing::get;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use scholia_analytics::Analysis;
+use scholia_annotation_cache::{AnnotationCache, PartitionView};
+use scholia_events::auth::Scope;
+use scholia_events::partition::parse_instant;
+use scholia_events::{EventBody, LoggedEvent, PartitionKey};
+use scholia_ingest::ApiError;
+
+use crate::protocol::{ClientMessage, ServerMessage};
+
+/// The largest message a client may send; a larger one closes its socket.
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// Outgoing messages queued per socket before updates are dropped for a `resync`.
+const SEND_QUEUE: usize = 256;
+/// A socket that cannot take one message in this long is closed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 64;
+const MAX_SUBSCRIPTION_PARTITIONS: usize = 2_000;
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cache: AnnotationCache,
+    allowed_origins: Vec<String>,
+    next_client: AtomicU64,
+    /// analysis → (client, subscription id) → subscription.
+    subs: RwLock<HashMap<String, HashMap<(u64, String), Arc<Sub>>>>,
+    clients: RwLock<HashMap<u64, Arc<Client>>>,
+}
+
+struct Sub {
+    id: String,
+    client: u64,
+    analysis: String,
+    keys: BTreeSet<String>,
+    /// Partitions not ready yet; `ready` is sent when this empties.
+    pending: Mutex<BTreeSet<String>>,
+}
+
+struct Client {
+    tx: mpsc::Sender<String>,
+    lagged: AtomicBool,
+    subs: Mutex<Vec<String>>,
+}
+
+impl Client {
+    /// Queue a message without waiting; a full queue marks the client for `resync`.
+    fn offer(&self, text: String) {
+        match self.tx.try_send(text) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.lagged.store(true, Ordering::Relaxed),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(cache: AnnotationCache, allowed_origins: Vec<String>) -> Self {
+        Hub {
+            inner: Arc::new(Inner {
+                cache,
+                allowed_origins,
+                next_client: AtomicU64::new(1),
+                subs: RwLock::default(),
+                clients: RwLock::default(),
+            }),
+        }
+    }
+
+    pub fn connected_clients(&self) -> usize {
+        self.inner.clients.read().expect("clients lock").len()
+    }
+
+    /// Push every change the cache applied to the subscriptions it concerns.
+    pub async fn follow_bus(self, shutdown: CancellationToken) -> scholia_events::Result<()> {
+        let mut changes = self.inner.cache.changes();
+        let gauge = self
+            .inner
+            .cache
+            .shared
+            .metrics
+            .gauge("scholia_websocket_clients", "Open websocket connections.");
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                event = changes.recv() => event,
+            };
+            gauge.store(self.connected_clients() as u64, Ordering::Relaxed);
+            match event {
+                Ok(event) => self.apply(&event).await,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "The websocket hub fell behind; asking every client to resync"
+                    );
+                    self.resync_all();
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+
+    fn subs_of(&self, analysis: &str) -> Vec<Arc<Sub>> {
+        self.inner
+            .subs
+            .read()
+            .expect("subs lock")
+            .get(analysis)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn client(&self, id: u64) -> Option<Arc<Client>> {
+        self.inner
+            .clients
+            .read()
+            .expect("clients lock")
+            .get(&id)
+            .cloned()
+    }
+
+    fn resync_all(&self) {
+        let subs: Vec<Arc<Sub>> = self
+            .inner
+            .subs
+            .read()
+            .expect("subs lock")
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect();
+        for sub in subs {
+            if let Some(client) = self.client(sub.client) {
+                client.offer(ServerMessage::Resync { sub: &sub.id }.text());
+            }
+        }
+    }
+
+    async fn apply(&self, event: &LoggedEvent) {
+        match &event.body {
+            EventBody::AnalysisCompleted {
+                analysis,
+                partition,
+                ..
+            } => {
+                let key = partition.to_string();
+                let subs: Vec<Arc<Sub>> = self
+                    .subs_of(analysis)
+                    .into_iter()
+                    .filter(|s| s.keys.contains(&key))
+                    .collect();
+                if subs.is_empty() {
+                    return;
+                }
+                let Some(analysis) = self.inner.cache.registry.get(analysis) else {
+                    return;
+                };
+                let view = match self
+                    .inner
+                    .cache
+                    .read(&analysis, partition.start, partition.end())
+                    .await
+                {
+                    Ok(mut views) if !views.is_empty() => views.remove(0),
+                    Ok(_) => return,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "Cannot read a rebuilt partition for its subscribers");
+                        return;
+                    }
+                };
+                let body = partition_body(&*analysis, &view);
+                for sub in subs {
+                    let Some(client) = self.client(sub.client) else {
+                        continue;
+                    };
+                    client.offer(partition_message(&sub.id, &body));
+                    if view.is_ready() {
+                        let now_ready = {
+                            let mut pending = sub.pending.lock().expect("pending lock");
+                            pending.remove(&key) && pending.is_empty()
+                        };
+                        if now_ready {
+                            client.offer(ServerMessage::Ready { sub: &sub.id }.text());
+                        }
+                    }
+                }
+            }
+            EventBody::AnalysisRequested {
+                analysis,
+                partitions,
+                ..
+            } => {
+                self.status_for(analysis, partitions, "queued", None);
+            }
+            EventBody::AnalysisStarted {
+                analysis,
+                partition,
+                ..
+            } => {
+                self.status_for(analysis, std::slice::from_ref(partition), "running", None);
+            }
+            EventBody::AnalysisFailed {
+                analysis,
+                partition,
+                error,
+                gave_up,
+                ..
+            } => {
+                let status = if *gave_up { "failed" } else { "queued" };
+                self.status_for(
+                    analysis,
+                    std::slice::from_ref(partition),
+                    status,
+                    Some(error.clone()),
+                );
+            }
+            EventBody::AnalysisInvalidated {
+                analysis,
+                partitions,
+                ..
+            } => {
+                for sub in self.subs_of(analysis) {
+                    let hit: Vec<String> = partitions
+                        .iter()
+                        .map(|p| p.to_string())
+                        .filter(|k| sub.keys.contains(k))
+                        .collect();
+                    if hit.is_empty() {
+                        continue;
+                    }
+                    sub.pending
+                        .lock()
+                        .expect("pending lock")
+                        .extend(hit.iter().cloned());
+                    if let Some(client) = self.client(sub.client) {
+                        client.offer(
+                            ServerMessage::Invalidated {
+                                sub: &sub.id,
+                                partitions: hit,
+                            }
+                            .text(),
+                        );
+                    }
+                }
+            }
+            EventBody::AnalysisRegistered { analysis, .. } => {
+                // A new version makes every subscribed partition stale: rebuild them live.
+                let Some(found) = self.inner.cache.registry.get(analysis) else {
+                    return;
+                };
+                for sub in self.subs_of(analysis) {
+                    let keys: Vec<String> = sub.keys.iter().cloned().collect();
+                    sub.pending
+                        .lock()
+                        .expect("pending lock")
+                        .extend(keys.iter().cloned());
+                    if let Some(client) = self.client(sub.client) {
+                        client.offer(
+                            ServerMessage::Invalidated {
+                                sub: &sub.id,
+                                partitions: keys.clone(),
+                            }
+                            .text(),
+                        );
+                    }
+                    let parsed: Vec<PartitionKey> = keys
+                        .iter()
+                        .filter_map(|k| PartitionKey::parse(k).ok())
+                        .collect();
+                    if let (Some(first), Some(last)) = (parsed.first(), parsed.last()) {
+                        if let Ok(views) =
+                            self.inner.cache.read(&found, first.start, last.end()).await
+                        {
+                            let _ = self
+                                .inner
+                                .cache
+                                .request_missing(&found, &views, "websocket subscription")
+                                .await;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn status_for(
+        &self,
+        analysis: &str,
+        partitions: &[PartitionKey],
+        status: &str,
+        error: Option<String>,
+    ) {
+        let subs = self.subs_of(analysis);
+        if subs.is_empty() {
+            return;
+        }
+        for partition in partitions {
+            let key = partition.to_string();
+            let message = ServerMessage::Status {
+                sub: "",
+                partition: key.clone(),
+                status,
+                error: error.clone(),
+            };
+            let body = message.text();
+            for sub in subs.iter().filter(|s| s.keys.contains(&key)) {
+                sub.pending
+                    .lock()
+                    .expect("pending lock")
+                    .insert(key.clone());
+                if let Some(client) = self.client(sub.client) {
+                    client.offer(with_sub(&body, &sub.id));
+                }
+            }
+        }
+    }
+
+    fn register(&self, sub: Arc<Sub>) {
+        self.inner
+            .subs
+            .write()
+            .expect("subs lock")
+            .entry(sub.analysis.clone())
+            .or_default()
+            .insert((sub.client, sub.id.clone()), sub);
+    }
+
+    fn unregister(&self, client: u64, id: &str) {
+        let mut subs = self.inner.subs.write().expect("subs lock");
+        subs.retain(|_, by_key| {
+            by_key.remove(&(client, id.to_string()));
+            !by_key.is_empty()
+        });
+    }
+
+    fn disconnect(&self, client: u64) {
+        let ids = self
+            .client(client)
+            .map(|c| c.subs.lock().expect("subs lock").clone())
+            .unwrap_or_default();
+        for id in ids {
+            self.unregister(client, &id);
+        }
+        self.inner
+            .clients
+            .write()
+            .expect("clients lock")
+            .remove(&client);
+    }
+
+    /// Handle one client message; errors go back to the client as `error`.
+    async fn handle(&self, client_id: u64, client: &Client, text: &str) {
+        let message: ClientMessage = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                let message = format!(
+                    "not a valid message ({e}); send {{\"op\":\"subscribe\",\"id\",\"analysis\",\"from\",\"to\"}} or {{\"op\":\"unsubscribe\",\"id\"}}"
+                );
+                let _ = client
+                    .tx
+                    .send(ServerMessage::Error { sub: None, message }.text())
+                    .await;
+                return;
+            }
+        };
+        match message {
+            ClientMessage::Unsubscribe { id } => {
+                self.unregister(client_id, &id);
+                client.subs.lock().expect("subs lock").retain(|s| s != &id);
+            }
+            ClientMessage::Subscribe {
+                id,
+                analysis,
+                from,
+                to,
+            } => {
+                if let Err(message) = self
+                    .subscribe(client_id, client, &id, &analysis, &from, &to)
+                    .await
+                {
+                    let _ = client
+                        .tx
+                        .send(
+                            ServerMessage::Error {
+                                sub: Some(&id),
+                                message,
+                            }
+                            .text(),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        client_id: u64,
+        client: &Client,
+        id: &str,
+        analysis: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(), String> {
+        if id.is_empty() || id.len() > 64 {
+            return Err("a subscription id must be 1 to 64 characters".into());
+        }
+        let from = parse_instant(from)?;
+        let to = parse_instant(to)?;
+        if to <= from {
+            return Err("the range is empty: \"to\" must come after \"from\"".into());
+        }
+        let cache = &self.inner.cache;
+        let analysis = cache
+            .registry
+            .find(analysis)
+            .await
+            .map_err(|_| format!("no analysis is named {analysis:?}"))?;
+        let keys = analysis.partition().partitions_between(from, to);
+        if keys.len() > MAX_SUBSCRIPTION_PARTITIONS {
+            return Err(format!(
+                "the range covers {} partitions; subscribe to at most {MAX_SUBSCRIPTION_PARTITIONS}",
+                keys.len()
+            ));
+        }
+        {
+            let mut ids = client.subs.lock().expect("subs lock");
+            if !ids.iter().any(|s| s == id) {
+                if ids.len() >= MAX_SUBSCRIPTIONS_PER_SOCKET {
+                    return Err(format!(
+                        "a socket may hold at most {MAX_SUBSCRIPTIONS_PER_SOCKET} subscriptions"
+                    ));
+                }
+                ids.push(id.to_string());
+            }
+        }
+        self.unregister(client_id, id);
+        let views = cache
+            .read(&analysis, from, to)
+            .await
+            .map_err(|e| e.to_string())?;
+        let pending: BTreeSet<String> = views
+            .iter()
+            .filter(|v| !v.is_ready())
+            .map(|v| v.partition.clone())
+            .collect();
+        let sub = Arc::new(Sub {
+            id: id.to_string(),
+            client: client_id,
+            analysis: analysis.name().to_string(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            pending: Mutex::new(pending.clone()),
+        });
+        // Registered before anything is sent, so that no change in between is missed.
+        self.register(sub);
+        for view in views.iter().filter(|v| v.rows.is_some()) {
+            let body = partition_body(&*analysis, view);
+            let _ = client.tx.send(partition_message(id, &body)).await;
+        }
+        if !pending.is_empty() {
+            cache
+                .request_missing(&analysis, &views, "websocket subscription")
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = client
+                .tx
+                .send(
+                    ServerMessage::Waiting {
+                        sub: id,
+                        partitions: pending.into_iter().collect(),
+                    }
+                    .text(),
+                )
+                .await;
+            for view in &views {
+                let status = match (view.status, view.rebuild) {
+                    ("queued" | "running" | "failed", _) => view.status,
+                    ("stale", Some(rebuild)) => rebuild,
+                    _ => continue,
+                };
+                let message = ServerMessage::Status {
+                    sub: id,
+                    partition: view.partition.clone(),
+                    status,
+                    error: view.error.clone(),
+                };
+                let _ = client.tx.send(message.text()).await;
+            }
+        } else {
+            let _ = client
+                .tx
+                .send(ServerMessage::Ready { sub: id }.text())
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// A `partition` message's body, serialized once for every subscriber: everything but
+/// `type` and `sub`.
+fn partition_body(analysis: &dyn Analysis, view: &PartitionView) -> String {
+    let stored = view.rows.as_ref();
+    json!({
+        "analysis": analysis.name(),
+        "version": stored.map(|s| s.version),
+        "partition": view.partition,
+        "generation": stored.map(|s| s.generation),
+        "status": view.status,
+        "computed_at": view.computed_at,
+        "rows": stored.map(|s| &*s.rows),
+    })
+    .to_string()
+}
+
+fn partition_message(sub: &str, body: &str) -> String {
+    let sub = serde_json::to_string(sub).expect("strings serialize");
+    format!("{{\"type\":\"partition\",\"sub\":{sub},{}", &body[1..])
+}
+
+/// Put a subscription id into a message serialized with an empty `sub`.
+fn with_sub(body: &str, sub: &str) -> String {
+    let sub = serde_json::to_string(sub).expect("strings serialize");
+    body.replacen("\"sub\":\"\"", &format!("\"sub\":{sub}"), 1)
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+}
+
+pub(crate) fn router(hub: Hub) -> Router {
+    Router::new().route("/v1/ws", get(upgrade)).with_state(hub)
+}
+
+async fn upgrade(
+    State(hub): State<Hub>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    hub.inner
+        .cache
+        .shared
+        .auth
+        .require(&headers, query.token.as_deref(), Scope::Read)
+        .await?;
+    let ws = ws.map_err(|_| {
+        ApiError::bad_request("This endpoint speaks the websocket protocol; connect with a websocket client (GET with Upgrade: websocket).")
+    })?;
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let own = origin.split_once("://").map(|(_, rest)| rest) == Some(host);
+        let listed = hub
+            .inner
+            .allowed_origins
+            .iter()
+            .any(|o| o == origin.trim_end_matches('/'));
+        if !own && !listed {
+            return Err(ApiError::forbidden(format!(
+                "Websocket connections from {origin} are not allowed; add it to SCHOLIA_ALLOWED_ORIGINS to allow it."
+            )));
+        }
+    }
+    Ok(ws
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| serve_socket(hub, socket)))
+}
+
+async fn serve_socket(hub: Hub, socket: WebSocket) {
+    let id = hub.inner.next_client.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<String>(SEND_QUEUE);
+    let client = Arc::new(Client {
+        tx,
+        lagged: AtomicBool::new(false),
+        subs: Mutex::new(Vec::new()),
+    });
+    hub.inner
+        .clients
+        .write()
+        .expect("clients lock")
+        .insert(id, client.clone());
+    let (mut sink, mut stream) = socket.split();
+
+    let writer_client = client.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(text) = rx.recv().await {
+            match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+            if rx.is_empty() && writer_client.lagged.swap(false, Ordering::Relaxed) {
+                let subs = writer_client.subs.lock().expect("subs lock").clone();
+                for sub in subs {
+                    let text = ServerMessage::Resync { sub: &sub }.text();
+                    if !matches!(
+                        tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into())))
+                            .await,
+                        Ok(Ok(()))
+                    ) {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    while let Some(message) = stream.next().await {
+        match message {
+            Ok(Message::Text(text)) => hub.handle(id, &client, text.as_str()).await,
+            Ok(Message::Binary(_)) => {
+                let message = "binary messages are not understood; send JSON text".to_string();
+                let _ = client
+                    .tx
+                    .send(ServerMessage::Error { sub: None, message }.text())
+                    .await;
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if writer.is_finished() {
+            break;
+        }
+    }
+    hub.disconnect(id);
+    drop(client);
+    writer.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_message_is_the_shared_body_with_its_subscription() {
+        let body = r#"{"analysis":"a","rows":[]}"#;
+        let message: serde_json::Value =
+            serde_json::from_str(&partition_message("c\"1", body)).unwrap();
+        assert_eq!(message["type"], "partition");
+        assert_eq!(message["sub"], "c\"1");
+        assert_eq!(message["analysis"], "a");
+    }
+
+    #[test]
+    fn a_status_gets_its_subscription_filled_in() {
+        let body = ServerMessage::Status {
+            sub: "",
+            partition: "2024-05-05".into(),
+            status: "queued",
+            error: None,
+        }
+        .text();
+        let message: serde_json::Value = serde_json::from_str(&with_sub(&body, "s9")).unwrap();
+        assert_eq!(message["sub"], "s9");
+        assert_eq!(message["status"], "queued");
+    }
+}

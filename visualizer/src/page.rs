@@ -1,0 +1,193 @@
+//! The visualizer's web page: `GET /` and its assets under `/assets/`.
+//!
+//! `build.rs` copies the hand-written page (`web/index.html`, `web/app.js`,
+//! `web/style.css`) and uPlot (installed from the npm registry through
+//! `web/package-lock.json`) into `$OUT_DIR/web/`; they are embedded here, so the
+//! binary serves the page with no network and no files beside it.
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+macro_rules! web_asset {
+    ($file:literal) => {
+        include_bytes!(concat!(env!("OUT_DIR"), "/web/", $file))
+    };
+}
+
+const INDEX_HTML: &[u8] = web_asset!("index.html");
+const APP_JS: &[u8] = web_asset!("app.js");
+const STYLE_CSS: &[u8] = web_asset!("style.css");
+const UPLOT_JS: &[u8] = web_asset!("uPlot.iife.min.js");
+const UPLOT_CSS: &[u8] = web_asset!("uPlot.min.css");
+
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+/// The page loads only its own assets and talks only to its own origin
+/// (the HTTP API and the websocket); uPlot sets inline styles on its elements.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+                   img-src 'self' data:; connect-src 'self' ws: wss:; object-src 'none'; \
+                   base-uri 'none'; form-action 'self'; frame-ancestors 'self'";
+
+fn asset(body: &'static [u8], content_type: &'static str) -> Response {
+    let headers: [(HeaderName, HeaderValue); 3] = [
+        (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+    ];
+    (headers, body).into_response()
+}
+
+async fn index() -> Response {
+    let mut response = asset(INDEX_HTML, HTML);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    // The token may arrive in the page's query string: never send it elsewhere.
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+async fn app_js() -> Response {
+    asset(APP_JS, JS)
+}
+
+async fn style_css() -> Response {
+    asset(STYLE_CSS, CSS)
+}
+
+async fn uplot_js() -> Response {
+    asset(UPLOT_JS, JS)
+}
+
+async fn uplot_css() -> Response {
+    asset(UPLOT_CSS, CSS)
+}
+
+/// Routes of the page: `GET /` and `GET /assets/{app.js, style.css, uPlot.iife.min.js,
+/// uPlot.min.css}` (HEAD too), each with its content type and `Cache-Control: no-cache`.
+pub fn router() -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/assets/app.js", get(app_js))
+        .route("/assets/style.css", get(style_css))
+        .route("/assets/uPlot.iife.min.js", get(uplot_js))
+        .route("/assets/uPlot.min.css", get(uplot_css))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn index_references_every_asset() {
+        for asset in [
+            "assets/app.js",
+            "assets/style.css",
+            "assets/uPlot.iife.min.js",
+            "assets/uPlot.min.css",
+        ] {
+            assert!(
+                contains(INDEX_HTML, asset),
+                "index.html does not load {asset}"
+            );
+        }
+        // Works offline: nothing is loaded from another origin.
+        assert!(!contains(INDEX_HTML, "http://") && !contains(INDEX_HTML, "https://"));
+    }
+
+    #[test]
+    fn assets_are_embedded() {
+        assert!(
+            contains(UPLOT_JS, "uPlot"),
+            "uPlot.iife.min.js is not uPlot"
+        );
+        assert!(
+            contains(UPLOT_CSS, ".uplot"),
+            "uPlot.min.css is not uPlot's"
+        );
+        assert!(contains(APP_JS, "\"subscribe\"") || contains(APP_JS, "'subscribe'"));
+        assert!(contains(APP_JS, "data-ready") || contains(APP_JS, "dataset.ready"));
+        assert!(contains(STYLE_CSS, "[data-status=\"failed\"]"));
+    }
+
+    /// Serves the router on a local port and reads raw HTTP responses from it.
+    async fn get_raw(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[tokio::test]
+    async fn serves_page_and_assets_with_content_types() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router()).await.expect("serve");
+        });
+
+        for (path, content_type, marker) in [
+            ("/", "text/html; charset=utf-8", "assets/app.js"),
+            (
+                "/assets/app.js",
+                "text/javascript; charset=utf-8",
+                "subscribe",
+            ),
+            (
+                "/assets/style.css",
+                "text/css; charset=utf-8",
+                "data-status",
+            ),
+            (
+                "/assets/uPlot.iife.min.js",
+                "text/javascript; charset=utf-8",
+                "uPlot",
+            ),
+            ("/assets/uPlot.min.css", "text/css; charset=utf-8", ".uplot"),
+        ] {
+            let response = get_raw(addr, path).await;
+            let lower = response.to_ascii_lowercase();
+            assert!(
+                response.starts_with("HTTP/1.1 200"),
+                "{path}: {}",
+                response.chars().take(300).collect::<String>()
+            );
+            assert!(
+                lower.contains(&format!("content-type: {content_type}")),
+                "{path}: wrong content type"
+            );
+            assert!(
+                lower.contains("cache-control: no-cache"),
+                "{path}: no Cache-Control"
+            );
+            assert!(response.contains(marker), "{path}: body lacks {marker}");
+        }
+        let missing = get_raw(addr, "/assets/nope.js").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        server.abort();
+    }
+}
