@@ -279,8 +279,8 @@ pub(crate) async fn analyses(command: AnalysesCommand) -> Result<()> {
         AnalysesCommand::List => {
             let list = client.get("/v1/analyses").await?;
             println!(
-                "{:<28} {:>7} {:<14} {:<4} {}",
-                "NAME", "VERSION", "KIND", "PART", "DESCRIPTION"
+                "{:<28} {:>7} {:<14} {:<4} DESCRIPTION",
+                "NAME", "VERSION", "KIND", "PART"
             );
             for a in list["analyses"].as_array().into_iter().flatten() {
                 println!(

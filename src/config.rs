@@ -103,20 +103,18 @@ impl ServeArgs {
                 None
             }
         };
-        if let Some(url) = &self.database_url {
-            if !(url.starts_with("sqlite:")
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("sqlite:")
                 || url.starts_with("postgres:")
                 || url.starts_with("postgresql:"))
-            {
-                problems.push(
-                    "SCHOLIA_DATABASE_URL must start with sqlite:// or postgres://".to_string(),
-                );
-            }
+        {
+            problems
+                .push("SCHOLIA_DATABASE_URL must start with sqlite:// or postgres://".to_string());
         }
-        if let Some(url) = &self.nats_url {
-            if !(url.starts_with("nats://") || url.starts_with("tls://") || !url.contains("://")) {
-                problems.push(format!("SCHOLIA_NATS_URL {url:?} must be a nats:// URL"));
-            }
+        if let Some(url) = &self.nats_url
+            && !(url.starts_with("nats://") || url.starts_with("tls://") || !url.contains("://"))
+        {
+            problems.push(format!("SCHOLIA_NATS_URL {url:?} must be a nats:// URL"));
         }
         if self.nats_prefix.is_empty()
             || !self
@@ -129,11 +127,10 @@ impl ServeArgs {
                 self.nats_prefix
             ));
         }
-        if let Some(token) = &self.admin_token {
-            if token.len() < 16 {
-                problems
-                    .push("SCHOLIA_ADMIN_TOKEN must be at least 16 characters long".to_string());
-            }
+        if let Some(token) = &self.admin_token
+            && token.len() < 16
+        {
+            problems.push("SCHOLIA_ADMIN_TOKEN must be at least 16 characters long".to_string());
         }
         if self.max_body_bytes < 1024 {
             problems.push("SCHOLIA_MAX_BODY_BYTES must be at least 1024".to_string());

@@ -18,7 +18,10 @@ pub struct ColumnSpec {
 
 /// The columns and rows of a frame. Times are written as RFC 3339 (UTC), dates as
 /// `YYYY-MM-DD`, NaN and infinities as null.
-pub fn frame_to_rows(frame: &DataFrame) -> Result<(Vec<ColumnSpec>, Vec<Map<String, Value>>)> {
+/// A frame as its column specs and its rows.
+pub type Rows = (Vec<ColumnSpec>, Vec<Map<String, Value>>);
+
+pub fn frame_to_rows(frame: &DataFrame) -> Result<Rows> {
     let columns: Vec<ColumnSpec> = frame
         .columns()
         .iter()

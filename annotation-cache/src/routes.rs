@@ -111,12 +111,12 @@ async fn put_analysis(
         .auth
         .require(&headers, None, Scope::Admin)
         .await?;
-    if let Some(body_name) = &def.name {
-        if body_name != &name {
-            return Err(ApiError::bad_request(format!(
-                "The body names the analysis {body_name:?} but the path names {name:?}; make them agree."
-            )));
-        }
+    if let Some(body_name) = &def.name
+        && body_name != &name
+    {
+        return Err(ApiError::bad_request(format!(
+            "The body names the analysis {body_name:?} but the path names {name:?}; make them agree."
+        )));
     }
     let existed = cache.registry.get(&name).is_some();
     let (info, _changed) = cache

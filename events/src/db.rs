@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use crate::error::{DbContext, Error, Result};
 
 /// The advisory lock key that serializes appends to the event log on PostgreSQL.
-const LOG_LOCK_KEY: i64 = 0x5C401_1A;
+const LOG_LOCK_KEY: i64 = 0x05C4_011A;
 /// The channel on which PostgreSQL announces new log events to relays in other processes.
 pub const LOG_CHANNEL: &str = "scholia_log";
 
@@ -109,12 +109,11 @@ impl Database {
     async fn connect_sqlite(url: &str) -> Result<Database> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::Config(format!("bad SQLite URL {url:?}: {e}")))?;
-        if let Some(parent) = Path::new(options.get_filename()).parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    Error::Config(format!("cannot create {}: {e}", parent.display()))
-                })?;
-            }
+        if let Some(parent) = Path::new(options.get_filename()).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::Config(format!("cannot create {}: {e}", parent.display())))?;
         }
         let options = options
             .create_if_missing(true)

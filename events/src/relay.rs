@@ -17,7 +17,7 @@ use crate::db::{Database, LOG_CHANNEL};
 use crate::error::{DbContext, Result};
 use crate::log;
 
-const RELAY_LOCK_KEY: i64 = 0x5C401_1B;
+const RELAY_LOCK_KEY: i64 = 0x05C4_011B;
 const BATCH: i64 = 1_000;
 
 /// What the relay has done, for metrics and tests.

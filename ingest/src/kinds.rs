@@ -60,14 +60,14 @@ pub struct KindSpec {
 impl KindSpec {
     pub fn check(&self, data: &Map<String, Value>) -> Result<(), String> {
         for (field, ty) in &self.fields {
-            if let Some(value) = data.get(field) {
-                if !ty.accepts(value) {
-                    return Err(format!(
-                        "field {field:?} must be a {} (or null), not {}",
-                        ty.name(),
-                        describe(value)
-                    ));
-                }
+            if let Some(value) = data.get(field)
+                && !ty.accepts(value)
+            {
+                return Err(format!(
+                    "field {field:?} must be a {} (or null), not {}",
+                    ty.name(),
+                    describe(value)
+                ));
             }
         }
         Ok(())

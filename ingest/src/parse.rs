@@ -223,10 +223,10 @@ fn to_envelope(
             Some(partial),
         ));
     }
-    if let Some(spec) = kind_spec(&kind) {
-        if let Err(e) = spec.check(&data) {
-            return Err((e, Some(partial)));
-        }
+    if let Some(spec) = kind_spec(&kind)
+        && let Err(e) = spec.check(&data)
+    {
+        return Err((e, Some(partial)));
     }
     Ok(Envelope {
         data_id,

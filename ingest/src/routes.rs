@@ -109,10 +109,9 @@ async fn post_events(
     if let Some(length) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && length > limit
     {
-        if length > limit {
-            return Err(too_large());
-        }
+        return Err(too_large());
     }
     let mut raw = Vec::new();
     let mut stream = body.into_data_stream();

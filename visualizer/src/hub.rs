@@ -2,7 +2,7 @@
 //! changes to them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -47,9 +47,12 @@ struct Inner {
     allowed_origins: Vec<String>,
     next_client: AtomicU64,
     /// analysis → (client, subscription id) → subscription.
-    subs: RwLock<HashMap<String, HashMap<(u64, String), Arc<Sub>>>>,
+    subs: RwLock<HashMap<String, SubsOfAnalysis>>,
     clients: RwLock<HashMap<u64, Arc<Client>>>,
 }
+
+/// The subscriptions to one analysis, by (client, subscription id).
+type SubsOfAnalysis = HashMap<(u64, String), Arc<Sub>>;
 
 struct Sub {
     id: String,
@@ -58,6 +61,8 @@ struct Sub {
     keys: BTreeSet<String>,
     /// Partitions not ready yet; `ready` is sent when this empties.
     pending: Mutex<BTreeSet<String>>,
+    /// The newest version of the analysis this subscription has seen registered.
+    version: AtomicI64,
 }
 
 struct Client {
@@ -265,12 +270,19 @@ impl Hub {
                     }
                 }
             }
-            EventBody::AnalysisRegistered { analysis, .. } => {
+            EventBody::AnalysisRegistered {
+                analysis, version, ..
+            } => {
                 // A new version makes every subscribed partition stale: rebuild them live.
+                // A registration that keeps the version (a new description, or one
+                // replayed from before the subscription) changes nothing.
                 let Some(found) = self.inner.cache.registry.get(analysis) else {
                     return;
                 };
                 for sub in self.subs_of(analysis) {
+                    if sub.version.fetch_max(*version, Ordering::Relaxed) >= *version {
+                        continue;
+                    }
                     let keys: Vec<String> = sub.keys.iter().cloned().collect();
                     sub.pending
                         .lock()
@@ -289,16 +301,15 @@ impl Hub {
                         .iter()
                         .filter_map(|k| PartitionKey::parse(k).ok())
                         .collect();
-                    if let (Some(first), Some(last)) = (parsed.first(), parsed.last()) {
-                        if let Ok(views) =
+                    if let (Some(first), Some(last)) = (parsed.first(), parsed.last())
+                        && let Ok(views) =
                             self.inner.cache.read(&found, first.start, last.end()).await
-                        {
-                            let _ = self
-                                .inner
-                                .cache
-                                .request_missing(&found, &views, "websocket subscription")
-                                .await;
-                        }
+                    {
+                        let _ = self
+                            .inner
+                            .cache
+                            .request_missing(&found, &views, "websocket subscription")
+                            .await;
                     }
                 }
             }
@@ -473,6 +484,7 @@ impl Hub {
             analysis: analysis.name().to_string(),
             keys: keys.iter().map(|k| k.to_string()).collect(),
             pending: Mutex::new(pending.clone()),
+            version: AtomicI64::new(analysis.version()),
         });
         // Registered before anything is sent, so that no change in between is missed.
         self.register(sub);

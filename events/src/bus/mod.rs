@@ -45,7 +45,9 @@ impl EventFilter {
     }
 }
 
-/// One delivery to a consumer.
+/// One delivery to a consumer. (Moved once into a channel; boxing the event would cost
+/// an allocation per delivery for nothing.)
+#[allow(clippy::large_enum_variant)]
 pub enum Delivery {
     Event(LoggedEvent, Acker),
     /// The consumer fell behind and missed events; it should resynchronize from SQL.
