@@ -29,6 +29,9 @@ pub(crate) struct ServeArgs {
     /// Subject prefix on NATS; the stream is named after it in capitals.
     #[arg(long, env = "SCHOLIA_NATS_PREFIX", default_value = "scholia")]
     pub(crate) nats_prefix: String,
+    /// The most the NATS stream keeps, in megabytes (JetStream reserves it up front).
+    #[arg(long, env = "SCHOLIA_NATS_MAX_MB", default_value_t = 1024)]
+    pub(crate) nats_max_mb: i64,
     /// The admin token to accept (created if new); without it the first start creates one.
     #[arg(long, env = "SCHOLIA_ADMIN_TOKEN", hide_env_values = true)]
     pub(crate) admin_token: Option<String>,
@@ -56,6 +59,7 @@ pub(crate) struct ServeConfig {
     pub(crate) database_url: Option<String>,
     pub(crate) nats_url: Option<String>,
     pub(crate) nats_prefix: String,
+    pub(crate) nats_max_bytes: i64,
     pub(crate) admin_token: Option<String>,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_inflight_batches: usize,
@@ -132,6 +136,9 @@ impl ServeArgs {
         {
             problems.push("SCHOLIA_ADMIN_TOKEN must be at least 16 characters long".to_string());
         }
+        if self.nats_max_mb < 1 {
+            problems.push("SCHOLIA_NATS_MAX_MB must be at least 1".to_string());
+        }
         if self.max_body_bytes < 1024 {
             problems.push("SCHOLIA_MAX_BODY_BYTES must be at least 1024".to_string());
         }
@@ -150,6 +157,7 @@ impl ServeArgs {
             database_url: self.database_url,
             nats_url: self.nats_url,
             nats_prefix: self.nats_prefix,
+            nats_max_bytes: self.nats_max_mb * 1024 * 1024,
             admin_token: self.admin_token,
             max_body_bytes: self.max_body_bytes,
             max_inflight_batches: self.max_inflight_batches,

@@ -40,6 +40,7 @@ pub(crate) async fn serve(config: ServeConfig, demo: bool) -> Result<()> {
             let bus = NatsBus::connect(NatsConfig {
                 url: url.clone(),
                 prefix: config.nats_prefix.clone(),
+                max_bytes: config.nats_max_bytes,
             })
             .await
             .context("cannot use NATS (SCHOLIA_NATS_URL)")?;

@@ -74,6 +74,8 @@ pub async fn declared_fields(db: &Database, kind: &str) -> Result<BTreeMap<Strin
         .collect())
 }
 
+type PgRecordRow = (Uuid, String, DateTime<Utc>, DateTime<Utc>, i64, String);
+
 /// Load the records of `kind` created in `[from, to)`.
 pub async fn load(
     db: &Database,
@@ -85,16 +87,15 @@ pub async fn load(
     let mut builder = FrameBuilder::new(kind, declared);
     match db {
         Database::Postgres(pg) => {
-            let rows: Vec<(Uuid, String, DateTime<Utc>, DateTime<Utc>, i64, String)> =
-                sqlx::query_as(
-                    "SELECT data_id, source, created, received_at, seq, data::text FROM records \
+            let rows: Vec<PgRecordRow> = sqlx::query_as(
+                "SELECT data_id, source, created, received_at, seq, data::text FROM records \
                  WHERE kind = $1 AND created >= $2 AND created < $3 ORDER BY created, data_id",
-                )
-                .bind(kind)
-                .bind(from)
-                .bind(to)
-                .fetch_all(&pg.pool)
-                .await?;
+            )
+            .bind(kind)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&pg.pool)
+            .await?;
             for (id, source, created, received, seq, data) in rows {
                 builder.push(
                     id,
@@ -138,6 +139,35 @@ pub fn empty_input(
     }
     let frame = builder.finish()?.frame;
     Ok(frame.head(Some(0)))
+}
+
+/// An empty input frame shaped like the kind's records: its declared fields and the
+/// fields of its most recent records. Used to check that a SQL analysis compiles, and
+/// as the input of a partition that has no records, so that an analysis naming the
+/// kind's fields makes no rows of it rather than failing.
+pub async fn empty_for_kind(
+    db: &Database,
+    kind: &str,
+    declared: &BTreeMap<String, Declared>,
+) -> Result<DataFrame> {
+    let sample: Vec<String> =
+        match db {
+            Database::Postgres(pg) => sqlx::query_scalar(
+                "SELECT data::text FROM records WHERE kind = $1 ORDER BY created DESC LIMIT 200",
+            )
+            .bind(kind)
+            .fetch_all(&pg.pool)
+            .await?,
+            Database::Sqlite(d) => {
+                sqlx::query_scalar(
+                    "SELECT data FROM records WHERE kind = $1 ORDER BY created DESC LIMIT 200",
+                )
+                .bind(kind)
+                .fetch_all(&d.pool)
+                .await?
+            }
+        };
+    empty_input(kind, declared, &sample)
 }
 
 /// Column builders that start untyped and widen as values arrive: int → float, and

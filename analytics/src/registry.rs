@@ -204,22 +204,7 @@ impl Registry {
 
     async fn check_compiles(&self, kind: &str, sql_text: &str) -> Result<()> {
         let declared = frame::declared_fields(&self.db, kind).await?;
-        let sample_sql = "SELECT data FROM records WHERE kind = $1 ORDER BY created DESC LIMIT 200";
-        let sample: Vec<String> = match &self.db {
-            Database::Postgres(pg) => sqlx::query_scalar(
-                "SELECT data::text FROM records WHERE kind = $1 ORDER BY created DESC LIMIT 200",
-            )
-            .bind(kind)
-            .fetch_all(&pg.pool)
-            .await?,
-            Database::Sqlite(d) => {
-                sqlx::query_scalar(sample_sql)
-                    .bind(kind)
-                    .fetch_all(&d.pool)
-                    .await?
-            }
-        };
-        let empty = frame::empty_input(kind, &declared, &sample)?;
+        let empty = frame::empty_for_kind(&self.db, kind, &declared).await?;
         let sql_text = sql_text.to_string();
         tokio::task::spawn_blocking(move || sql::run_sql(&sql_text, empty))
             .await

@@ -245,7 +245,7 @@ impl Workers {
         };
         let result = async {
             let declared = frame::declared_fields(&self.db, analysis.kind()).await?;
-            let input = frame::load(
+            let mut input = frame::load(
                 &self.db,
                 analysis.kind(),
                 partition.start,
@@ -253,6 +253,11 @@ impl Workers {
                 &declared,
             )
             .await?;
+            if input.rows == 0 {
+                // No records: give the analysis the kind's columns, so that it makes no rows
+                // of them (rather than failing on a field it names).
+                input.frame = frame::empty_for_kind(&self.db, analysis.kind(), &declared).await?;
+            }
             let (input_rows, input_seq) = (input.rows, input.max_seq);
             let analysis = analysis.clone();
             let span = tracing::Span::current();

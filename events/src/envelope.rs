@@ -21,13 +21,19 @@ impl Envelope {
     /// when their digests agree, and a conflict otherwise. `serde_json::Map` keeps keys
     /// sorted, so the encoding is canonical.
     pub fn digest(&self) -> [u8; 32] {
+        self.digest_with(&self.data_json())
+    }
+
+    /// The digest, given `data` already serialized by [`Envelope::data_json`] (so that
+    /// a batch serializes each record once, for both the digest and the store).
+    pub fn digest_with(&self, data_json: &str) -> [u8; 32] {
         let mut hasher = Sha256::new();
         hasher.update(self.kind.as_bytes());
         hasher.update([0]);
         hasher.update(self.source.as_bytes());
         hasher.update([0]);
         hasher.update(self.created.timestamp_micros().to_le_bytes());
-        hasher.update(serde_json::to_vec(&self.data).expect("a JSON map always serializes"));
+        hasher.update(data_json.as_bytes());
         hasher.finalize().into()
     }
 

@@ -28,6 +28,9 @@ pub struct BatchOutcome {
     pub events: Vec<LoggedEvent>,
 }
 
+/// A new record: the envelope, its digest and its `data` as JSON text.
+type Fresh = (Envelope, [u8; 32], String);
+
 const CONFLICT: &str = "a record with this data_id already exists with different content; \
                         source data is immutable, so send the correction as a new record with a new data_id";
 
@@ -46,34 +49,36 @@ pub async fn write_batch(
 
     // Within the batch: the first occurrence of an id wins.
     let mut first: HashMap<Uuid, [u8; 32]> = HashMap::with_capacity(envelopes.len());
-    let mut candidates: Vec<(usize, Envelope, [u8; 32])> = Vec::with_capacity(envelopes.len());
+    let mut candidates: Vec<(usize, Envelope, [u8; 32], String)> =
+        Vec::with_capacity(envelopes.len());
     for (line, envelope) in envelopes {
-        let digest = envelope.digest();
+        let data_json = envelope.data_json();
+        let digest = envelope.digest_with(&data_json);
         match first.get(&envelope.data_id) {
             Some(seen) if *seen == digest => outcome.duplicates += 1,
             Some(_) => outcome.quarantined.push(conflict(line, &envelope)),
             None => {
                 first.insert(envelope.data_id, digest);
-                candidates.push((line, envelope, digest));
+                candidates.push((line, envelope, digest, data_json));
             }
         }
     }
 
     let mut tx = db.begin_write().await?;
-    let ids: Vec<Uuid> = candidates.iter().map(|(_, e, _)| e.data_id).collect();
+    let ids: Vec<Uuid> = candidates.iter().map(|(_, e, _, _)| e.data_id).collect();
     let existing = existing_digests(&mut tx, &ids).await?;
-    let mut fresh: Vec<(Envelope, [u8; 32])> = Vec::with_capacity(candidates.len());
-    for (line, envelope, digest) in candidates {
+    let mut fresh: Vec<Fresh> = Vec::with_capacity(candidates.len());
+    for (line, envelope, digest, data_json) in candidates {
         match existing.get(&envelope.data_id) {
             Some(stored) if *stored == digest => outcome.duplicates += 1,
             Some(_) => outcome.quarantined.push(conflict(line, &envelope)),
-            None => fresh.push((envelope, digest)),
+            None => fresh.push((envelope, digest, data_json)),
         }
     }
 
     // One source.ingested event per kind; its seq stamps the kind's records.
     let mut by_kind: BTreeSet<&str> = BTreeSet::new();
-    for (envelope, _) in &fresh {
+    for (envelope, _, _) in &fresh {
         by_kind.insert(&envelope.kind);
     }
     let kinds: Vec<String> = by_kind.into_iter().map(str::to_string).collect();
@@ -81,7 +86,7 @@ pub async fn write_batch(
     for kind in &kinds {
         let mut hours = BTreeSet::new();
         let mut count = 0;
-        for (envelope, _) in fresh.iter().filter(|(e, _)| &e.kind == kind) {
+        for (envelope, _, _) in fresh.iter().filter(|(e, _, _)| &e.kind == kind) {
             hours.insert(Granularity::Hour.partition_of(envelope.created));
             count += 1;
         }
@@ -166,7 +171,7 @@ async fn existing_digests(tx: &mut WriteTx, ids: &[Uuid]) -> Result<HashMap<Uuid
 
 async fn insert_records(
     tx: &mut WriteTx,
-    fresh: &[(Envelope, [u8; 32])],
+    fresh: &[Fresh],
     seq_of: &HashMap<&str, i64>,
     received_at: DateTime<Utc>,
 ) -> Result<()> {
@@ -183,7 +188,7 @@ async fn insert_records(
                 .context("starting to copy records")?;
             let received = received_at.to_rfc3339();
             let mut buf = String::with_capacity(1 << 20);
-            for (envelope, digest) in fresh {
+            for (envelope, digest, data_json) in fresh {
                 let _ = write!(buf, "{}\t", envelope.data_id);
                 escape_copy(&mut buf, &envelope.kind);
                 buf.push('\t');
@@ -196,7 +201,7 @@ async fn insert_records(
                     seq_of[envelope.kind.as_str()],
                     hex_encode(digest)
                 );
-                escape_copy(&mut buf, &envelope.data_json());
+                escape_copy(&mut buf, data_json);
                 buf.push('\n');
                 if buf.len() > (1 << 20) - 4096 {
                     copy.send(buf.as_bytes()).await.context("copying records")?;
@@ -216,7 +221,7 @@ async fn insert_records(
                 let mut q = QueryBuilder::new(
                     "INSERT INTO records (data_id, kind, source, created, received_at, seq, digest, data) ",
                 );
-                q.push_values(chunk, |mut row, (envelope, digest)| {
+                q.push_values(chunk, |mut row, (envelope, digest, data_json)| {
                     row.push_bind(envelope.data_id)
                         .push_bind(envelope.kind.clone())
                         .push_bind(envelope.source.clone())
@@ -224,7 +229,7 @@ async fn insert_records(
                         .push_bind(received)
                         .push_bind(seq_of[envelope.kind.as_str()])
                         .push_bind(digest.to_vec())
-                        .push_bind(envelope.data_json());
+                        .push_bind(data_json.clone());
                 });
                 q.build()
                     .execute(&mut **tx)

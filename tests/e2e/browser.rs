@@ -16,16 +16,20 @@ fn browser_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_partitions_waiting_then_draws_the_chart() {
-    let ready = Path::new("/usr/bin/chromium").exists() && browser_dir().join("node_modules/playwright-core").exists();
+    let ready = Path::new("/usr/bin/chromium").exists()
+        && browser_dir().join("node_modules/playwright-core").exists();
     if !ready {
-        let why = "needs /usr/bin/chromium and tests/browser/node_modules (scripts/test installs both)";
+        let why =
+            "needs /usr/bin/chromium and tests/browser/node_modules (scripts/test installs both)";
         if std::env::var("SCHOLIA_REQUIRE_SERVICES").as_deref() == Ok("1") {
             panic!("the browser test {why}");
         }
         eprintln!("\n*** the browser test DID NOT RUN: it {why} ***\n");
         return;
     }
-    let d = Deployment::new(Backend::Sqlite, "browser").await.expect("SQLite needs no services");
+    let d = Deployment::new(Backend::Sqlite, "browser")
+        .await
+        .expect("SQLite needs no services");
     let app = d.start().await;
     // Three days of readings from two stations; nothing is built before the page asks.
     let today = Utc::now().date_naive();
@@ -43,7 +47,9 @@ async fn the_page_shows_partitions_waiting_then_draws_the_chart() {
     let (status, body) = app.ingest(ADMIN, &records).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    let artifacts = std::env::var("SCHOLIA_ARTIFACTS").map(PathBuf::from).unwrap_or_else(|_| d.dir.clone());
+    let artifacts = std::env::var("SCHOLIA_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| d.dir.clone());
     std::fs::create_dir_all(&artifacts).unwrap();
     let screenshot = artifacts.join("visualizer-page.png");
     let from = (today - Span::days(2)).to_string();
@@ -67,14 +73,24 @@ async fn the_page_shows_partitions_waiting_then_draws_the_chart() {
     .expect("node runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the browser test failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
     let summary: Value = stdout
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("no JSON summary in:\n{stdout}"));
     assert_eq!(summary["ok"], true, "{summary}");
-    assert_eq!(summary["saw"], "pending-then-charts", "the page must show the waiting state first: {summary}");
-    assert!(screenshot.exists(), "screenshot saved at {}", screenshot.display());
+    assert_eq!(
+        summary["saw"], "pending-then-charts",
+        "the page must show the waiting state first: {summary}"
+    );
+    assert!(
+        screenshot.exists(),
+        "screenshot saved at {}",
+        screenshot.display()
+    );
     eprintln!("Browser test screenshot: {}", screenshot.display());
 }

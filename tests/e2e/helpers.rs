@@ -206,6 +206,8 @@ impl TestApp {
             .env("SCHOLIA_DATABASE_URL", &deployment.database_url)
             .env("SCHOLIA_NATS_PREFIX", &deployment.nats_prefix)
             .env("SCHOLIA_ADMIN_TOKEN", ADMIN)
+            // Every test has its own stream; JetStream reserves each one's size up front.
+            .env("SCHOLIA_NATS_MAX_MB", "16")
             .env("SCHOLIA_LOG", "info,sqlx=warn,async_nats=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
@@ -454,26 +456,48 @@ pub fn partitions_of(body: &Value) -> std::collections::BTreeMap<String, Value> 
 }
 
 /// POST an invalidation and return its id.
-pub async fn invalidate(app: &TestApp, analysis: &str, from: &str, to: &str, rebuild: &str) -> String {
+pub async fn invalidate(
+    app: &TestApp,
+    analysis: &str,
+    from: &str,
+    to: &str,
+    rebuild: &str,
+) -> String {
     let (status, body) = app
         .post("/v1/invalidations", ADMIN, &json!({"analysis": analysis, "from": from, "to": to, "reason": "test", "rebuild": rebuild}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    body["id"].as_str().unwrap_or_else(|| panic!("no id in {body}")).to_string()
+    body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {body}"))
+        .to_string()
 }
 
 /// Poll an invalidation until its state is `state`; returns its progress.
-pub async fn invalidation_reaches(app: &TestApp, id: &str, state: &str, timeout: Duration) -> Value {
-    eventually(timeout, &format!("invalidation {id} to be {state}"), || async move {
-        let (status, body) = app.get(&format!("/v1/invalidations/{id}"), ADMIN).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert!(
-            body["state"] == state || !matches!(body["state"].as_str(), Some("done" | "failed" | "cancelled")),
-            "invalidation {id} ended {} instead of {state}: {body}",
-            body["state"]
-        );
-        (body["state"] == state).then_some(body)
-    })
+pub async fn invalidation_reaches(
+    app: &TestApp,
+    id: &str,
+    state: &str,
+    timeout: Duration,
+) -> Value {
+    eventually(
+        timeout,
+        &format!("invalidation {id} to be {state}"),
+        || async move {
+            let (status, body) = app.get(&format!("/v1/invalidations/{id}"), ADMIN).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(
+                body["state"] == state
+                    || !matches!(
+                        body["state"].as_str(),
+                        Some("done" | "failed" | "cancelled")
+                    ),
+                "invalidation {id} ended {} instead of {state}: {body}",
+                body["state"]
+            );
+            (body["state"] == state).then_some(body)
+        },
+    )
     .await
 }
 
@@ -481,7 +505,9 @@ pub async fn invalidation_reaches(app: &TestApp, id: &str, state: &str, timeout:
 pub async fn log_after(app: &TestApp, mut after: i64) -> Vec<Value> {
     let mut out = Vec::new();
     loop {
-        let (status, body) = app.get(&format!("/v1/log?after={after}&limit=10000"), ADMIN).await;
+        let (status, body) = app
+            .get(&format!("/v1/log?after={after}&limit=10000"), ADMIN)
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let events = body["events"].as_array().unwrap().clone();
         if events.is_empty() {
@@ -494,7 +520,11 @@ pub async fn log_after(app: &TestApp, mut after: i64) -> Vec<Value> {
 
 /// The highest seq of the log now.
 pub async fn log_head(app: &TestApp) -> i64 {
-    log_after(app, 0).await.last().map(|e| e["seq"].as_i64().unwrap()).unwrap_or(0)
+    log_after(app, 0)
+        .await
+        .last()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .unwrap_or(0)
 }
 
 /// Floats equal within a relative tolerance; nulls equal nulls.
@@ -503,5 +533,43 @@ pub fn close(a: Option<f64>, b: Option<f64>) -> bool {
         (None, None) => true,
         (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
         _ => false,
+    }
+}
+
+/// Deletes the deployment's NATS stream when dropped (declare it before the apps, so
+/// that it drops after them): each stream reserves storage on the shared NATS server,
+/// and streams left behind by finished tests would exhaust it.
+pub struct StreamCleanup(Option<(String, String)>);
+
+pub fn stream_cleanup(d: &Deployment) -> StreamCleanup {
+    StreamCleanup(
+        d.nats_url
+            .clone()
+            .map(|url| (url, d.nats_prefix.to_uppercase().replace('-', "_"))),
+    )
+}
+
+impl Drop for StreamCleanup {
+    fn drop(&mut self) {
+        let Some((url, name)) = self.0.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let delete = async {
+                    let client = async_nats::connect(&url).await.ok()?;
+                    async_nats::jetstream::new(client)
+                        .delete_stream(&name)
+                        .await
+                        .ok()
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), delete).await;
+            });
+        })
+        .join();
     }
 }

@@ -29,6 +29,9 @@ pub struct NatsConfig {
     pub url: String,
     /// Subject prefix; the stream is named after it in capitals.
     pub prefix: String,
+    /// The most the stream keeps, in bytes (JetStream reserves it up front); when full it
+    /// refuses new events and the relay retries.
+    pub max_bytes: i64,
 }
 
 #[derive(Clone)]
@@ -124,7 +127,7 @@ impl NatsBus {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(7 * 24 * 3600),
-                max_bytes: 8 * 1024 * 1024 * 1024,
+                max_bytes: self.config.max_bytes,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             })
