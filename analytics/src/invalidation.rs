@@ -93,8 +93,16 @@ pub async fn create(
         .context("recording an invalidation")?);
     let mut events = Vec::new();
     for (a, partitions) in &plans {
-        let counters =
-            queue::request(&mut tx, a.name(), partitions, PRIORITY_BULK, eager, now).await?;
+        let counters = queue::request(
+            &mut tx,
+            a.name(),
+            partitions,
+            PRIORITY_BULK,
+            eager,
+            queue::Want::Rebuild,
+            now,
+        )
+        .await?;
         let items: Vec<_> = partitions.iter().zip(counters).collect();
         for chunk in items.chunks(500) {
             let head = "INSERT INTO invalidation_items (invalidation, analysis, partition, request, state) ";

@@ -56,6 +56,16 @@ macro_rules! on_db {
 }
 pub(crate) use on_db;
 
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A build that starts after this request: the input or the definition changed.
+    Rebuild,
+    /// Any build will do, pending or running: a reader wants the partition there. Asking
+    /// again while one is pending costs nothing, so readers may ask as often as they look.
+    Present,
+}
+
 /// Queue (eager) or mark stale (lazy) these partitions of `analysis`, inside `tx`.
 /// Returns each partition's request counter, which a build must reach to settle it.
 pub async fn request(
@@ -64,12 +74,14 @@ pub async fn request(
     partitions: &[PartitionKey],
     priority: i32,
     eager: bool,
+    want: Want,
     not_before: DateTime<Utc>,
 ) -> Result<Vec<i64>> {
     let sql = "INSERT INTO partition_state (analysis, partition, state, priority, requested, claimed, not_before, attempts, updated_at) \
                VALUES ($1, $2, $3, $4, 1, 0, $5, 0, $6) \
                ON CONFLICT (analysis, partition) DO UPDATE SET \
-                 requested = partition_state.requested + 1, \
+                 requested = CASE WHEN $7 AND partition_state.state IN ('queued', 'running') \
+                                  THEN partition_state.requested ELSE partition_state.requested + 1 END, \
                  state = CASE WHEN partition_state.state = 'running' THEN 'running' \
                               WHEN excluded.state = 'queued' OR partition_state.state = 'queued' THEN 'queued' \
                               ELSE 'stale' END, \
@@ -92,6 +104,7 @@ pub async fn request(
             .bind(priority)
             .bind(not_before)
             .bind(now)
+            .bind(want == Want::Present)
             .fetch_one(&mut **c)
             .await
             .context("queueing a build")?);
@@ -107,6 +120,7 @@ pub async fn request_now(
     version: i64,
     partitions: &[PartitionKey],
     priority: i32,
+    want: Want,
     delay: Duration,
     actor: &str,
 ) -> Result<()> {
@@ -114,8 +128,36 @@ pub async fn request_now(
         return Ok(());
     }
     let mut tx = db.begin_write().await?;
+    let mut partitions = partitions.to_vec();
+    if want == Want::Present {
+        // A reader may look at a cache a moment behind: what is built, current and not
+        // marked stale needs nothing.
+        let sql = "SELECT a.version FROM annotations a WHERE a.analysis = $1 AND a.partition = $2 \
+                   AND NOT EXISTS (SELECT 1 FROM partition_state s \
+                                   WHERE s.analysis = a.analysis AND s.partition = a.partition)";
+        let mut needed = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            let built: Option<i64> = on_tx!(&mut tx, |c| sqlx::query_scalar(sql)
+                .bind(analysis)
+                .bind(partition.to_string())
+                .fetch_optional(&mut **c)
+                .await
+                .context("checking a partition")?);
+            if built.is_none_or(|v| v < version) {
+                needed.push(partition);
+            }
+        }
+        partitions = needed;
+        if partitions.is_empty() {
+            return Ok(());
+        }
+    }
+    let partitions = &partitions[..];
     let not_before = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-    request(&mut tx, analysis, partitions, priority, true, not_before).await?;
+    request(
+        &mut tx, analysis, partitions, priority, true, want, not_before,
+    )
+    .await?;
     log::append(
         &mut tx,
         vec![NewEvent::new(

@@ -323,17 +323,21 @@ impl Workers {
             let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
                 continue;
             };
-            let sql = "SELECT partition FROM annotations WHERE analysis = $1 AND partition >= $2 AND partition <= $3";
-            let built: Vec<String> = on_db!(&self.db, |p| sqlx::query_scalar(sql)
+            // Built partitions whose annotation did not see this batch yet: a build that
+            // ran after the batch committed already read it (its input reached this seq).
+            let sql = "SELECT partition FROM annotations \
+                       WHERE analysis = $1 AND partition >= $2 AND partition <= $3 AND input_seq < $4";
+            let stale_keys: Vec<String> = on_db!(&self.db, |p| sqlx::query_scalar(sql)
                 .bind(analysis.name())
                 .bind(first.to_string())
                 .bind(last.to_string())
+                .bind(event.seq)
                 .fetch_all(p)
                 .await
                 .context("finding built partitions")?);
             let stale: Vec<PartitionKey> = keys
                 .into_iter()
-                .filter(|k| built.contains(&k.to_string()))
+                .filter(|k| stale_keys.contains(&k.to_string()))
                 .collect();
             queue::request_now(
                 &self.db,
@@ -341,6 +345,7 @@ impl Workers {
                 analysis.version(),
                 &stale,
                 PRIORITY_LIVE,
+                queue::Want::Rebuild,
                 STALENESS_DEBOUNCE,
                 "planner (new source data)",
             )

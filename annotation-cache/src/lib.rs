@@ -293,6 +293,7 @@ impl AnnotationCache {
                 analysis.version(),
                 &wanted,
                 PRIORITY_LIVE,
+                queue::Want::Present,
                 Duration::ZERO,
                 actor,
             )
