@@ -286,7 +286,7 @@ pub(crate) async fn analyses(command: AnalysesCommand) -> Result<()> {
                 println!(
                     "{:<28} {:>7} {:<14} {:<4} {}",
                     a["name"].as_str().unwrap_or(""),
-                    a["version"],
+                    a["version"].as_i64().unwrap_or(0),
                     a["kind"].as_str().unwrap_or(""),
                     a["partition"].as_str().unwrap_or(""),
                     a["description"].as_str().unwrap_or("")

@@ -113,13 +113,13 @@ pub async fn request(
     Ok(counters)
 }
 
-/// Request builds in a transaction of their own, and log `analysis.requested`.
+/// Request live builds (someone is waiting) in a transaction of their own, and log
+/// `analysis.requested`.
 pub async fn request_now(
     db: &Database,
     analysis: &str,
     version: i64,
     partitions: &[PartitionKey],
-    priority: i32,
     want: Want,
     delay: Duration,
     actor: &str,
@@ -153,6 +153,7 @@ pub async fn request_now(
         }
     }
     let partitions = &partitions[..];
+    let priority = PRIORITY_LIVE;
     let not_before = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
     request(
         &mut tx, analysis, partitions, priority, true, want, not_before,

@@ -16,7 +16,7 @@ use scholia_events::error::DbContext;
 use scholia_events::metrics::Metrics;
 use scholia_events::{Bus, Database, EventBody, LoggedEvent, NewEvent, PartitionKey, log};
 
-use crate::queue::{self, BuildResult, Claim, Committed, PRIORITY_LIVE, on_db};
+use crate::queue::{self, BuildResult, Claim, Committed, on_db};
 use crate::registry::Registry;
 use crate::{Error, Result, frame, rows, schedule};
 
@@ -344,7 +344,6 @@ impl Workers {
                 analysis.name(),
                 analysis.version(),
                 &stale,
-                PRIORITY_LIVE,
                 queue::Want::Rebuild,
                 STALENESS_DEBOUNCE,
                 "planner (new source data)",

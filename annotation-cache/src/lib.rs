@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use scholia_analytics::queue::{self, PRIORITY_LIVE, QueueState};
+use scholia_analytics::queue::{self, QueueState};
 use scholia_analytics::rows::ColumnSpec;
 use scholia_analytics::{Analysis, Registry};
 use scholia_events::bus::{Delivery, EventFilter};
@@ -292,7 +292,6 @@ impl AnnotationCache {
                 analysis.name(),
                 analysis.version(),
                 &wanted,
-                PRIORITY_LIVE,
                 queue::Want::Present,
                 Duration::ZERO,
                 actor,
