@@ -13,6 +13,8 @@ pub enum Error {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("bus error: {0}")]
     Bus(String),
+    #[error("a backing service is unavailable: {0}")]
+    Unavailable(String),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("could not decode {what}: {detail}")]
@@ -38,7 +40,7 @@ impl Error {
                     | sqlx::Error::WorkerCrashed
                     | sqlx::Error::Tls(_)
             ),
-            Error::Bus(_) => true,
+            Error::Bus(_) | Error::Unavailable(_) => true,
             _ => false,
         }
     }

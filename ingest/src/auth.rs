@@ -66,7 +66,13 @@ impl Authenticator {
             .cache
             .try_get_with(hash, async move { auth::lookup(&db, &secret).await })
             .await
-            .map_err(|e| ApiError::from(clone_error(&e)))?;
+            .map_err(|e| {
+                if e.is_unavailable() {
+                    ApiError::from(scholia_events::Error::Unavailable(e.to_string()))
+                } else {
+                    ApiError::internal(e)
+                }
+            })?;
         let token = token.ok_or_else(|| {
             ApiError::unauthorized(
                 "This token is unknown or was revoked; ask an admin for a new one.",
@@ -88,13 +94,5 @@ impl Authenticator {
 
     pub fn forget_all(&self) {
         self.cache.invalidate_all();
-    }
-}
-
-fn clone_error(error: &scholia_events::Error) -> scholia_events::Error {
-    if error.is_unavailable() {
-        scholia_events::Error::Bus(error.to_string())
-    } else {
-        scholia_events::Error::Config(error.to_string())
     }
 }

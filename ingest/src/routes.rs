@@ -151,11 +151,6 @@ async fn post_events(
             envelope.source
         )));
     }
-    let kinds_seen: Vec<String> = parsed
-        .envelopes
-        .iter()
-        .map(|(_, e)| e.kind.clone())
-        .collect();
     let outcome = store::write_batch(
         &state.shared.db,
         parsed.envelopes,
@@ -164,9 +159,12 @@ async fn post_events(
         received_at,
     )
     .await?;
-    for kind in kinds_seen {
-        if !state.kinds.knows(&kind) {
-            state.kinds.remember(&kind);
+    // One source.ingested event per kind of the batch: the kinds this batch brought.
+    for event in &outcome.events {
+        if let EventBody::SourceIngested { kind, .. } = &event.body
+            && !state.kinds.knows(kind)
+        {
+            state.kinds.remember(kind);
         }
     }
 
