@@ -50,6 +50,10 @@ pub(crate) struct ServeArgs {
     /// Memory for cached annotations, in megabytes.
     #[arg(long, env = "SCHOLIA_CACHE_MB", default_value_t = 256)]
     pub(crate) cache_mb: u64,
+    /// Memory a worker process keeps partitions' input frames in, in megabytes (0: none),
+    /// so that rebuilding unchanged partitions skips reading and parsing their records.
+    #[arg(long, env = "SCHOLIA_FRAME_CACHE_MB", default_value_t = 1024)]
+    pub(crate) frame_cache_mb: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +70,7 @@ pub(crate) struct ServeConfig {
     pub(crate) worker_concurrency: usize,
     pub(crate) allowed_origins: Vec<String>,
     pub(crate) cache_bytes: u64,
+    pub(crate) frame_cache_bytes: u64,
 }
 
 impl ServeConfig {
@@ -169,6 +174,7 @@ impl ServeArgs {
                 .filter(|o| !o.is_empty())
                 .collect(),
             cache_bytes: self.cache_mb * 1024 * 1024,
+            frame_cache_bytes: self.frame_cache_mb * 1024 * 1024,
         })
     }
 }

@@ -119,6 +119,7 @@ pub(crate) async fn serve(config: ServeConfig, demo: bool) -> Result<()> {
             registry.clone(),
             metrics.clone(),
             config.worker_concurrency,
+            scholia_analytics::frames::FrameCache::new(config.frame_cache_bytes),
         );
         for (name, task) in workers.tasks(shutdown.clone()) {
             spawn(&tasks, &shutdown, name, async move {

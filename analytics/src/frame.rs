@@ -16,6 +16,7 @@ use crate::Result;
 pub const ENVELOPE_COLUMNS: [&str; 5] = ["data_id", "source", "kind", "created", "received_at"];
 
 /// One partition's records, ready for an analysis.
+#[derive(Clone)]
 pub struct PartitionInput {
     pub frame: DataFrame,
     pub rows: u64,

@@ -18,6 +18,7 @@
 pub mod analysis;
 pub mod builtin;
 pub mod frame;
+pub mod frames;
 pub mod invalidation;
 pub mod queue;
 pub mod registry;

@@ -17,6 +17,7 @@ use scholia_events::metrics::Metrics;
 use scholia_events::{Bus, Database, EventBody, LoggedEvent, NewEvent, PartitionKey, log};
 
 use crate::queue::{self, BuildResult, Claim, Committed, on_db};
+use crate::frames::{FrameCache, Source};
 use crate::registry::Registry;
 use crate::{Error, Result, frame, rows, schedule};
 
@@ -33,6 +34,7 @@ pub struct Workers {
     registry: Registry,
     metrics: Arc<Metrics>,
     concurrency: usize,
+    frames: FrameCache,
     wake: Arc<Notify>,
     id: String,
 }
@@ -44,6 +46,7 @@ impl Workers {
         registry: Registry,
         metrics: Arc<Metrics>,
         concurrency: usize,
+        frames: FrameCache,
     ) -> Self {
         let id = format!("{}-{}", hostname(), std::process::id());
         Workers {
@@ -52,6 +55,7 @@ impl Workers {
             registry,
             metrics,
             concurrency,
+            frames,
             wake: Arc::new(Notify::new()),
             id,
         }
@@ -245,14 +249,23 @@ impl Workers {
         };
         let result = async {
             let declared = frame::declared_fields(&self.db, analysis.kind()).await?;
-            let mut input = frame::load(
-                &self.db,
-                analysis.kind(),
-                partition.start,
-                partition.end(),
-                &declared,
-            )
-            .await?;
+            let (mut input, source) = self
+                .frames
+                .load(
+                    &self.db,
+                    analysis.kind(),
+                    partition.start,
+                    partition.end(),
+                    &declared,
+                )
+                .await?;
+            let counter = match source {
+                Source::Memory => "scholia_build_frames_reused_total",
+                Source::Database => "scholia_build_frames_loaded_total",
+            };
+            self.metrics
+                .counter(counter, "Partition inputs reused from memory or read from the database.")
+                .fetch_add(1, Ordering::Relaxed);
             if input.rows == 0 {
                 // No records: give the analysis the kind's columns, so that it makes no rows
                 // of them (rather than failing on a field it names).

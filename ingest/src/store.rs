@@ -6,7 +6,7 @@
 //! immutable). New records then go in with one bulk statement: `COPY` on PostgreSQL,
 //! multi-row inserts on SQLite.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
@@ -14,8 +14,10 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use scholia_events::db::WriteTx;
-use scholia_events::error::{DbContext, Result};
-use scholia_events::{Database, Envelope, EventBody, Granularity, LoggedEvent, NewEvent, log};
+use scholia_events::error::{DbContext, Error, Result};
+use scholia_events::{
+    Database, Envelope, EventBody, Granularity, LoggedEvent, NewEvent, PartitionKey, log,
+};
 
 use crate::parse::Rejected;
 
@@ -28,13 +30,29 @@ pub struct BatchOutcome {
     pub events: Vec<LoggedEvent>,
 }
 
-/// A new record: the envelope, its digest and its `data` as JSON text.
-type Fresh = (Envelope, [u8; 32], String);
+/// A record of the batch that is not a repeat within the batch.
+struct Candidate {
+    line: usize,
+    envelope: Envelope,
+    digest: [u8; 32],
+    /// `data` as compact JSON text.
+    data_json: String,
+    /// On PostgreSQL, the record's `COPY` row rendered ahead of the write lock: the
+    /// columns before `seq` and those after it (the lock assigns `seq`).
+    copy_row: Option<(String, String)>,
+}
 
 const CONFLICT: &str = "a record with this data_id already exists with different content; \
                         source data is immutable, so send the correction as a new record with a new data_id";
 
 /// Write a batch durably. Returns only after the commit.
+///
+/// Everything that can happen before the write lock does: parsing, digests, rendering the
+/// `COPY` rows and, on PostgreSQL, looking up which ids are already stored (stored
+/// records never change, so what that finds stays true). Under the lock remain the log
+/// append, the `COPY` and the commit. A batch that races another one carrying the same
+/// new ids fails its `COPY` on the primary key; it is then written again with the lookup
+/// under the lock.
 pub async fn write_batch(
     db: &Database,
     envelopes: Vec<(usize, Envelope)>,
@@ -48,9 +66,10 @@ pub async fn write_batch(
     };
 
     // Within the batch: the first occurrence of an id wins.
+    let postgres = matches!(db, Database::Postgres(_));
+    let received = received_at.to_rfc3339();
     let mut first: HashMap<Uuid, [u8; 32]> = HashMap::with_capacity(envelopes.len());
-    let mut candidates: Vec<(usize, Envelope, [u8; 32], String)> =
-        Vec::with_capacity(envelopes.len());
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(envelopes.len());
     for (line, envelope) in envelopes {
         let data_json = envelope.data_json();
         let digest = envelope.digest_with(&data_json);
@@ -59,45 +78,115 @@ pub async fn write_batch(
             Some(_) => outcome.quarantined.push(conflict(line, &envelope)),
             None => {
                 first.insert(envelope.data_id, digest);
-                candidates.push((line, envelope, digest, data_json));
+                let copy_row =
+                    postgres.then(|| copy_row(&envelope, &digest, &data_json, &received));
+                candidates.push(Candidate {
+                    line,
+                    envelope,
+                    digest,
+                    data_json,
+                    copy_row,
+                });
             }
         }
     }
 
+    let ids: Vec<Uuid> = candidates.iter().map(|c| c.envelope.data_id).collect();
+    let written = match db {
+        Database::Postgres(pg) if !ids.is_empty() => {
+            let known = pg_digests(&pg.pool, &ids).await?;
+            let quarantined = &outcome.quarantined;
+            match write_locked(db, &candidates, Some(known), quarantined, actor, received_at).await
+            {
+                Err(e) if is_unique_violation(&e) => {
+                    tracing::info!(
+                        "A concurrent batch stored some of this batch's ids first; writing it again with the lookup under the lock"
+                    );
+                    write_locked(db, &candidates, None, quarantined, actor, received_at).await?
+                }
+                other => other?,
+            }
+        }
+        _ => {
+            let quarantined = &outcome.quarantined;
+            write_locked(db, &candidates, None, quarantined, actor, received_at).await?
+        }
+    };
+    outcome.accepted = written.accepted;
+    outcome.duplicates += written.duplicates;
+    outcome.quarantined.extend(written.conflicts);
+    outcome.events = written.events;
+    // Quarantined lines are reported in body order.
+    outcome.quarantined.sort_by_key(|r| r.line);
+    Ok(outcome)
+}
+
+/// What the locked part of a write did.
+struct Written {
+    accepted: u64,
+    duplicates: u64,
+    conflicts: Vec<Rejected>,
+    events: Vec<LoggedEvent>,
+}
+
+/// The part of a batch's write that holds the log lock. `known` are the stored digests of
+/// the candidates' ids when they were looked up before the lock; `None` looks them up
+/// under it. `rejected` are the lines quarantined before the lock.
+async fn write_locked(
+    db: &Database,
+    candidates: &[Candidate],
+    known: Option<HashMap<Uuid, [u8; 32]>>,
+    rejected: &[Rejected],
+    actor: &str,
+    received_at: DateTime<Utc>,
+) -> Result<Written> {
     let mut tx = db.begin_write().await?;
-    let ids: Vec<Uuid> = candidates.iter().map(|(_, e, _, _)| e.data_id).collect();
-    let existing = existing_digests(&mut tx, &ids).await?;
-    let mut fresh: Vec<Fresh> = Vec::with_capacity(candidates.len());
-    for (line, envelope, digest, data_json) in candidates {
-        match existing.get(&envelope.data_id) {
-            Some(stored) if *stored == digest => outcome.duplicates += 1,
-            Some(_) => outcome.quarantined.push(conflict(line, &envelope)),
-            None => fresh.push((envelope, digest, data_json)),
+    let existing = match known {
+        Some(known) => known,
+        None => {
+            let ids: Vec<Uuid> = candidates.iter().map(|c| c.envelope.data_id).collect();
+            existing_digests(&mut tx, &ids).await?
+        }
+    };
+    let mut written = Written {
+        accepted: 0,
+        duplicates: 0,
+        conflicts: Vec::new(),
+        events: Vec::new(),
+    };
+    let mut fresh: Vec<&Candidate> = Vec::with_capacity(candidates.len());
+    for c in candidates {
+        match existing.get(&c.envelope.data_id) {
+            Some(stored) if *stored == c.digest => written.duplicates += 1,
+            Some(_) => written.conflicts.push(conflict(c.line, &c.envelope)),
+            None => fresh.push(c),
         }
     }
 
     // One source.ingested event per kind; its seq stamps the kind's records.
     let mut by_kind: BTreeSet<&str> = BTreeSet::new();
-    for (envelope, _, _) in &fresh {
-        by_kind.insert(&envelope.kind);
+    for c in &fresh {
+        by_kind.insert(&c.envelope.kind);
     }
     let kinds: Vec<String> = by_kind.into_iter().map(str::to_string).collect();
     let mut new_events = Vec::with_capacity(kinds.len());
+    let mut hour_counts: Vec<BTreeMap<PartitionKey, i64>> = Vec::with_capacity(kinds.len());
     for kind in &kinds {
-        let mut hours = BTreeSet::new();
-        let mut count = 0;
-        for (envelope, _, _) in fresh.iter().filter(|(e, _, _)| &e.kind == kind) {
-            hours.insert(Granularity::Hour.partition_of(envelope.created));
-            count += 1;
+        let mut hours: BTreeMap<PartitionKey, i64> = BTreeMap::new();
+        for c in fresh.iter().filter(|c| &c.envelope.kind == kind) {
+            *hours
+                .entry(Granularity::Hour.partition_of(c.envelope.created))
+                .or_default() += 1;
         }
         new_events.push(NewEvent::new(
             actor,
             EventBody::SourceIngested {
                 kind: kind.clone(),
-                count,
-                hours: hours.into_iter().collect(),
+                count: hours.values().sum::<i64>() as u64,
+                hours: hours.keys().copied().collect(),
             },
         ));
+        hour_counts.push(hours);
     }
     let events = log::append(&mut tx, new_events).await?;
     let seq_of: HashMap<&str, i64> = kinds
@@ -107,13 +196,25 @@ pub async fn write_batch(
         .collect();
 
     insert_records(&mut tx, &fresh, &seq_of, received_at).await?;
+    for ((kind, hours), event) in kinds.iter().zip(&hour_counts).zip(&events) {
+        count_hours(&mut tx, kind, hours, event.seq).await?;
+    }
     insert_kinds(&mut tx, &kinds, received_at).await?;
-    insert_quarantine(&mut tx, &outcome.quarantined, actor, received_at).await?;
+    insert_quarantine(&mut tx, rejected, actor, received_at).await?;
+    insert_quarantine(&mut tx, &written.conflicts, actor, received_at).await?;
     tx.commit().await?;
 
-    outcome.accepted = fresh.len() as u64;
-    outcome.events = events;
-    Ok(outcome)
+    written.accepted = fresh.len() as u64;
+    written.events = events;
+    Ok(written)
+}
+
+/// Whether a write failed on a primary key: another batch stored one of its ids first.
+fn is_unique_violation(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Database { source: sqlx::Error::Database(e), .. } if e.is_unique_violation()
+    )
 }
 
 fn conflict(line: usize, envelope: &Envelope) -> Rejected {
@@ -128,19 +229,32 @@ fn conflict(line: usize, envelope: &Envelope) -> Rejected {
     }
 }
 
+/// The stored digests of those of `ids` that are stored, on PostgreSQL.
+async fn pg_digests<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, [u8; 32]>> {
+    let rows: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as("SELECT data_id, digest FROM records WHERE data_id = ANY($1)")
+            .bind(ids)
+            .fetch_all(executor)
+            .await
+            .context("checking for known records")?;
+    Ok(digest_map(rows))
+}
+
+fn digest_map(rows: Vec<(Uuid, Vec<u8>)>) -> HashMap<Uuid, [u8; 32]> {
+    rows.into_iter()
+        .filter_map(|(id, digest)| Some((id, <[u8; 32]>::try_from(digest.as_slice()).ok()?)))
+        .collect()
+}
+
 async fn existing_digests(tx: &mut WriteTx, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>> {
-    let mut found = HashMap::new();
     if ids.is_empty() {
-        return Ok(found);
+        return Ok(HashMap::new());
     }
-    let rows: Vec<(Uuid, Vec<u8>)> = match tx {
-        WriteTx::Postgres { tx, .. } => {
-            sqlx::query_as("SELECT data_id, digest FROM records WHERE data_id = ANY($1)")
-                .bind(ids)
-                .fetch_all(&mut **tx)
-                .await
-                .context("checking for known records")?
-        }
+    match tx {
+        WriteTx::Postgres { tx, .. } => pg_digests(&mut **tx, ids).await,
         WriteTx::Sqlite { tx, .. } => {
             let mut rows = Vec::new();
             for chunk in ids.chunks(5_000) {
@@ -158,20 +272,34 @@ async fn existing_digests(tx: &mut WriteTx, ids: &[Uuid]) -> Result<HashMap<Uuid
                         .context("checking for known records")?,
                 );
             }
-            rows
-        }
-    };
-    for (id, digest) in rows {
-        if let Ok(digest) = <[u8; 32]>::try_from(digest.as_slice()) {
-            found.insert(id, digest);
+            Ok(digest_map(rows))
         }
     }
-    Ok(found)
+}
+
+/// One record's `COPY` text row, split around the `seq` column.
+fn copy_row(
+    envelope: &Envelope,
+    digest: &[u8; 32],
+    data_json: &str,
+    received: &str,
+) -> (String, String) {
+    let mut head = String::with_capacity(128);
+    let _ = write!(head, "{}\t", envelope.data_id);
+    escape_copy(&mut head, &envelope.kind);
+    head.push('\t');
+    escape_copy(&mut head, &envelope.source);
+    let _ = write!(head, "\t{}\t{}\t", envelope.created.to_rfc3339(), received);
+    let mut tail = String::with_capacity(data_json.len() + 80);
+    let _ = write!(tail, "\t\\\\x{}\t", hex_encode(digest));
+    escape_copy(&mut tail, data_json);
+    tail.push('\n');
+    (head, tail)
 }
 
 async fn insert_records(
     tx: &mut WriteTx,
-    fresh: &[Fresh],
+    fresh: &[&Candidate],
     seq_of: &HashMap<&str, i64>,
     received_at: DateTime<Utc>,
 ) -> Result<()> {
@@ -186,23 +314,12 @@ async fn insert_records(
                 )
                 .await
                 .context("starting to copy records")?;
-            let received = received_at.to_rfc3339();
             let mut buf = String::with_capacity(1 << 20);
-            for (envelope, digest, data_json) in fresh {
-                let _ = write!(buf, "{}\t", envelope.data_id);
-                escape_copy(&mut buf, &envelope.kind);
-                buf.push('\t');
-                escape_copy(&mut buf, &envelope.source);
-                let _ = write!(
-                    buf,
-                    "\t{}\t{}\t{}\t\\\\x{}\t",
-                    envelope.created.to_rfc3339(),
-                    received,
-                    seq_of[envelope.kind.as_str()],
-                    hex_encode(digest)
-                );
-                escape_copy(&mut buf, data_json);
-                buf.push('\n');
+            for c in fresh {
+                let (head, tail) = c.copy_row.as_ref().expect("rendered for PostgreSQL");
+                buf.push_str(head);
+                let _ = write!(buf, "{}", seq_of[c.envelope.kind.as_str()]);
+                buf.push_str(tail);
                 if buf.len() > (1 << 20) - 4096 {
                     copy.send(buf.as_bytes()).await.context("copying records")?;
                     buf.clear();
@@ -221,15 +338,15 @@ async fn insert_records(
                 let mut q = QueryBuilder::new(
                     "INSERT INTO records (data_id, kind, source, created, received_at, seq, digest, data) ",
                 );
-                q.push_values(chunk, |mut row, (envelope, digest, data_json)| {
-                    row.push_bind(envelope.data_id)
-                        .push_bind(envelope.kind.clone())
-                        .push_bind(envelope.source.clone())
-                        .push_bind(envelope.created.timestamp_micros())
+                q.push_values(chunk, |mut row, c| {
+                    row.push_bind(c.envelope.data_id)
+                        .push_bind(c.envelope.kind.clone())
+                        .push_bind(c.envelope.source.clone())
+                        .push_bind(c.envelope.created.timestamp_micros())
                         .push_bind(received)
-                        .push_bind(seq_of[envelope.kind.as_str()])
-                        .push_bind(digest.to_vec())
-                        .push_bind(data_json.clone());
+                        .push_bind(seq_of[c.envelope.kind.as_str()])
+                        .push_bind(c.digest.to_vec())
+                        .push_bind(c.data_json.clone());
                 });
                 q.build()
                     .execute(&mut **tx)
@@ -238,6 +355,42 @@ async fn insert_records(
             }
         }
     }
+    Ok(())
+}
+
+/// Add a batch's records to the per-hour summary of their kind (`record_hours`), in the
+/// batch's transaction, so that the summary changes exactly when the records do.
+async fn count_hours(
+    tx: &mut WriteTx,
+    kind: &str,
+    hours: &BTreeMap<PartitionKey, i64>,
+    seq: i64,
+) -> Result<()> {
+    if hours.is_empty() {
+        return Ok(());
+    }
+    macro_rules! upsert {
+        ($tx:expr) => {{
+            let mut q = QueryBuilder::new("INSERT INTO record_hours (kind, hour, rows, max_seq) ");
+            q.push_values(hours, |mut row, (hour, rows)| {
+                row.push_bind(kind)
+                    .push_bind(hour.to_string())
+                    .push_bind(*rows)
+                    .push_bind(seq);
+            });
+            // Batches commit in seq order (under the log lock), so the new seq is the highest.
+            q.push(
+                " ON CONFLICT (kind, hour) DO UPDATE SET rows = record_hours.rows + excluded.rows, \
+                 max_seq = excluded.max_seq",
+            );
+            q.build().execute(&mut **$tx).await.map(|r| r.rows_affected())
+        }};
+    }
+    match tx {
+        WriteTx::Postgres { tx, .. } => upsert!(tx),
+        WriteTx::Sqlite { tx, .. } => upsert!(tx),
+    }
+    .context("counting records per hour")?;
     Ok(())
 }
 

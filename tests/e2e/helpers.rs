@@ -19,7 +19,7 @@ pub enum Backend {
 }
 
 /// Where PostgreSQL and NATS are, from `SCHOLIA_TEST_DATABASE_URL` and
-/// `SCHOLIA_TEST_NATS_URL` (or testcontainers, where a container engine answers).
+/// `SCHOLIA_TEST_NATS_URL`, else the standard local ports when both answer.
 pub struct Services {
     pub pg_admin_url: String,
     pub nats_url: String,
@@ -38,7 +38,7 @@ async fn services() -> Option<&'static Services> {
                     pg_admin_url: pg,
                     nats_url: nats,
                 }),
-                _ => containers::start().await,
+                _ => local::find().await,
             }
         })
         .await
@@ -55,51 +55,30 @@ pub async fn require_services(test: &str) -> Option<&'static Services> {
         ),
         None => {
             eprintln!(
-                "\n*** {test} DID NOT RUN: no PostgreSQL/NATS (set SCHOLIA_TEST_DATABASE_URL and SCHOLIA_TEST_NATS_URL, or start a container engine) ***\n"
+                "\n*** {test} DID NOT RUN: no PostgreSQL/NATS (set SCHOLIA_TEST_DATABASE_URL and SCHOLIA_TEST_NATS_URL, or start them on their standard local ports) ***\n"
             );
             None
         }
     }
 }
 
-mod containers {
+mod local {
     use super::Services;
-    use testcontainers::core::{IntoContainerPort, WaitFor};
-    use testcontainers::runners::AsyncRunner;
-    use testcontainers::{GenericImage, ImageExt};
+    use std::time::Duration;
 
-    /// Start PostgreSQL and NATS in containers; they live as long as the test process.
-    pub(super) async fn start() -> Option<Services> {
-        let pg = GenericImage::new("postgres", "15")
-            .with_exposed_port(5432.tcp())
-            .with_wait_for(WaitFor::message_on_stderr(
-                "database system is ready to accept connections",
-            ))
-            .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
-            .start()
-            .await
-            .ok()?;
-        let nats = GenericImage::new("nats", "2.10")
-            .with_exposed_port(4222.tcp())
-            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
-            .with_cmd(["-js"])
-            .start()
-            .await
-            .ok()?;
-        let services = Services {
-            pg_admin_url: format!(
-                "postgres://postgres@127.0.0.1:{}/postgres",
-                pg.get_host_port_ipv4(5432).await.ok()?
-            ),
-            nats_url: format!(
-                "nats://127.0.0.1:{}",
-                nats.get_host_port_ipv4(4222).await.ok()?
-            ),
-        };
-        // Kept for the life of the process.
-        std::mem::forget(pg);
-        std::mem::forget(nats);
-        Some(services)
+    /// PostgreSQL and NATS on their standard local ports, when both answer.
+    pub(super) async fn find() -> Option<Services> {
+        for addr in ["127.0.0.1:5432", "127.0.0.1:4222"] {
+            let connect = tokio::net::TcpStream::connect(addr);
+            tokio::time::timeout(Duration::from_secs(2), connect)
+                .await
+                .ok()?
+                .ok()?;
+        }
+        Some(Services {
+            pg_admin_url: "postgres://postgres@127.0.0.1:5432/postgres".to_string(),
+            nats_url: "nats://127.0.0.1:4222".to_string(),
+        })
     }
 }
 
@@ -345,6 +324,23 @@ impl TestApp {
             .expect("POST /v1/events");
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The value of a counter or gauge on `/metrics` (0 when it is not there yet).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text");
+        text.lines()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .sum()
     }
 
     /// Create a token and return its secret.

@@ -261,3 +261,46 @@ both_backends!(
         assert_eq!(status, StatusCode::OK, "{ready}");
     }
 );
+
+both_backends!(
+    concurrent_batches_with_the_same_new_ids_store_each_once,
+    |d: Deployment| async move {
+        let app = d.start().await;
+        let records: Vec<Value> = (0..500)
+            .map(|i| {
+                generation(
+                    &format!("s{}", i % 7),
+                    &format!("2024-03-01T{:02}:{:02}:00Z", i % 24, i % 60),
+                    json!(i),
+                )
+            })
+            .collect();
+        // The same new ids from eight requests at once: on PostgreSQL each looks them up
+        // before the write lock and finds nothing, so all but the first must notice the
+        // others' records under the lock.
+        let answers =
+            futures::future::join_all((0..8).map(|_| app.ingest(ADMIN, &records))).await;
+        let (mut accepted, mut duplicates) = (0, 0);
+        for (status, body) in &answers {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+            assert_eq!(body["quarantined"], 0, "{body}");
+            accepted += body["accepted"].as_u64().unwrap();
+            duplicates += body["duplicates"].as_u64().unwrap();
+        }
+        assert_eq!((accepted, duplicates), (500, 3500), "{answers:?}");
+        let events = log_after(&app, 0).await;
+        let ingested: u64 = events
+            .iter()
+            .filter(|e| e["type"] == "source.ingested")
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(ingested, 500, "the log counts each record once");
+        if d.backend == Backend::Postgres {
+            assert!(
+                app.log().contains("writing it again with the lookup under the lock"),
+                "the race was not exercised: {}",
+                app.log()
+            );
+        }
+    }
+);

@@ -524,3 +524,57 @@ async fn three_workers_rebuild_sixty_days_once_each_despite_a_kill_9() {
         assert_eq!(p["rows"], before[key]["rows"], "{key}");
     }
 }
+
+both_backends!(
+    rewinding_reuses_loaded_frames_and_still_sees_records_that_arrive,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let days = ["2024-08-01", "2024-08-02", "2024-08-03"];
+        let mut records = Vec::new();
+        for day in days {
+            records.extend(station_day("a", day, &[10.0, 20.0, 30.0, 40.0]));
+        }
+        let (status, _) = app.ingest(ADMIN, &records).await;
+        assert_eq!(status, StatusCode::OK);
+        app.annotations("daily_avg", "2024-08-01", "2024-08-04", 30)
+            .await;
+        const LOADED: &str = "scholia_build_frames_loaded_total";
+        const REUSED: &str = "scholia_build_frames_reused_total";
+        assert_eq!(app.metric(LOADED).await, 3.0);
+        assert_eq!(app.metric(REUSED).await, 0.0);
+
+        // Rewinding unchanged days reads no rows again.
+        let id = invalidate(&app, "daily_avg", "2024-08-01", "2024-08-04", "eager").await;
+        invalidation_reaches(&app, &id, "done", Duration::from_secs(30)).await;
+        assert_eq!(app.metric(LOADED).await, 3.0);
+        assert_eq!(app.metric(REUSED).await, 3.0);
+
+        // A record arriving in a day makes its frame stale: the rebuild reads it.
+        let (status, _) = app
+            .ingest(ADMIN, &[generation("a", "2024-08-02T12:30:00Z", json!(150.0))])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        eventually(Duration::from_secs(10), "the late record in day two", || async {
+            let parts = partitions_of(
+                &app.annotations("daily_avg", "2024-08-02", "2024-08-03", 0)
+                    .await,
+            );
+            (parts["2024-08-02"]["rows"][0]["avg_mw"] == 50.0).then_some(())
+        })
+        .await;
+        assert_eq!(app.metric(LOADED).await, 4.0);
+
+        // And rewinding that day again reuses the new frame, late record included.
+        let id = invalidate(&app, "daily_avg", "2024-08-02", "2024-08-03", "eager").await;
+        invalidation_reaches(&app, &id, "done", Duration::from_secs(30)).await;
+        assert_eq!(app.metric(LOADED).await, 4.0);
+        assert_eq!(app.metric(REUSED).await, 4.0);
+        let parts = partitions_of(
+            &app.annotations("daily_avg", "2024-08-02", "2024-08-03", 0)
+                .await,
+        );
+        assert_eq!(parts["2024-08-02"]["rows"][0]["avg_mw"], 50.0, "{parts:?}");
+        assert_eq!(parts["2024-08-02"]["rows"][0]["readings"], 5);
+    }
+);

@@ -1,0 +1,16 @@
+-- How many records of each kind each hour holds, and the highest log seq among them.
+-- Ingest keeps it in the same transaction as the records, so a reader that sees a
+-- partition's summary unchanged knows its records are unchanged: workers use it to
+-- reuse a partition's columnar frame instead of reading and parsing the rows again.
+CREATE TABLE record_hours (
+    kind    TEXT NOT NULL,
+    hour    TEXT NOT NULL, -- '2024-05-05T13', UTC
+    rows    INTEGER NOT NULL,
+    max_seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, hour)
+);
+
+INSERT INTO record_hours (kind, hour, rows, max_seq)
+SELECT kind, strftime('%Y-%m-%dT%H', created / 1000000, 'unixepoch'), count(*), max(seq)
+FROM records
+GROUP BY 1, 2;
