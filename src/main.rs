@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand};
 
 use config::ServeArgs;
 
+/// mimalloc returns freed memory to the system and does not fragment across threads the
+/// way glibc's arenas do: it keeps a process holding many websockets, or rebuilding large
+/// frames, close to what it actually uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "scholia",

@@ -240,6 +240,15 @@ pub async fn claim(db: &Database, owner: &str) -> Result<Option<Claim>> {
     }))
 }
 
+/// When the earliest queued build becomes due (debounced requests wait a little).
+pub async fn next_due(db: &Database) -> Result<Option<DateTime<Utc>>> {
+    let sql = "SELECT MIN(not_before) FROM partition_state WHERE state = 'queued'";
+    Ok(on_db!(db, |p| sqlx::query_scalar(sql)
+        .fetch_one(p)
+        .await
+        .context("finding the next due build")?))
+}
+
 /// Extend the lease; false when it was lost.
 pub async fn heartbeat(db: &Database, claim: &Claim) -> Result<bool> {
     let until = Utc::now() + chrono::Duration::from_std(LEASE).expect("the lease fits");

@@ -16,8 +16,8 @@ use scholia_events::error::DbContext;
 use scholia_events::metrics::Metrics;
 use scholia_events::{Bus, Database, EventBody, LoggedEvent, NewEvent, PartitionKey, log};
 
-use crate::queue::{self, BuildResult, Claim, Committed, on_db};
 use crate::frames::{FrameCache, Source};
+use crate::queue::{self, BuildResult, Claim, Committed, on_db};
 use crate::registry::Registry;
 use crate::{Error, Result, frame, rows, schedule};
 
@@ -144,11 +144,18 @@ impl Workers {
                     continue;
                 }
             }
+            // Nothing due now: wait for a request, for the earliest queued build to become
+            // due (requests for new data are debounced), or at most half a second (retries
+            // become due, and leases expire, without any message).
+            let mut idle = Duration::from_millis(500);
+            if let Ok(Some(due)) = queue::next_due(&self.db).await {
+                let until = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+                idle = idle.min(until.max(Duration::from_millis(5)));
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = &mut notified => {}
-                // Retries become due, and leases expire, without any message.
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(idle) => {}
             }
         }
     }
@@ -264,7 +271,10 @@ impl Workers {
                 Source::Database => "scholia_build_frames_loaded_total",
             };
             self.metrics
-                .counter(counter, "Partition inputs reused from memory or read from the database.")
+                .counter(
+                    counter,
+                    "Partition inputs reused from memory or read from the database.",
+                )
                 .fetch_add(1, Ordering::Relaxed);
             if input.rows == 0 {
                 // No records: give the analysis the kind's columns, so that it makes no rows

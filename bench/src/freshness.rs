@@ -35,6 +35,8 @@ struct Seen {
     at: Instant,
 }
 
+/// Subscribe once, then time `samples` single-record ingests to their `partition`
+/// messages, one at a time.
 pub(crate) async fn run(args: FreshnessArgs) -> Result<Value> {
     let target = &args.target;
     let mut socket = target::connect(target, None).await?;

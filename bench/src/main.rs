@@ -17,7 +17,8 @@ mod stats;
 mod target;
 mod ws_scale;
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -38,12 +39,21 @@ enum Command {
     WsScale(ws_scale::WsScaleArgs),
 }
 
+/// Print the report, or the error as one sentence on stderr (and fail).
 #[tokio::main]
-async fn main() -> Result<()> {
-    let report = match Cli::parse().command {
-        Command::Freshness(args) => freshness::run(args).await?,
-        Command::WsScale(args) => ws_scale::run(args).await?,
+async fn main() -> ExitCode {
+    let outcome = match Cli::parse().command {
+        Command::Freshness(args) => freshness::run(args).await,
+        Command::WsScale(args) => ws_scale::run(args).await,
     };
-    println!("{report}");
-    Ok(())
+    match outcome {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("scholia-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

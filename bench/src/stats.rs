@@ -85,6 +85,20 @@ pub(crate) fn memory(pid: &str) -> Result<Memory> {
     })
 }
 
+/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user and system) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat` (`pid` may be `self`); `None` when it cannot be read.
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; fields follow it,
+    // starting with the state (field 3); utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<f64>().ok();
+    Some((ticks(14)? + ticks(15)?) / TICKS_PER_SECOND)
+}
+
 /// This process's soft limit on open files, from `/proc/self/limits`, if it says.
 pub(crate) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -119,5 +133,6 @@ mod tests {
         let memory = memory("self").unwrap();
         assert!(memory.rss_mb > 0.0 && memory.hwm_mb >= memory.rss_mb);
         assert!(open_files_limit().is_some());
+        assert!(cpu_seconds("self").is_some_and(|s| s >= 0.0));
     }
 }

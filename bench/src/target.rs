@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use chrono::{NaiveDate, TimeDelta};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
-use serde::Deserialize;
+use serde::Deserializer as _;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -93,12 +94,11 @@ pub(crate) async fn connect(
                  `ulimit -n 20000` before running scholia-bench"
             )
         }
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "cannot open the websocket at {}/v1/ws; is Scholia running there and is the token a read token?",
-                target.base()
-            )
-        }),
+        Err(e) => bail!(
+            "cannot open the websocket at {}/v1/ws ({e}); is Scholia running there, and is \
+             --token a read token?",
+            target.base()
+        ),
     }
 }
 
@@ -135,18 +135,67 @@ pub(crate) fn newer(current: Option<i64>, seen: Option<i64>) -> Option<i64> {
     current.max(seen)
 }
 
-/// The part of a server message the benchmarks look at. Borrowed and partial, so that
-/// large `rows` are scanned but never built.
-#[derive(Debug, Deserialize)]
-struct Header<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    #[serde(default, borrow)]
-    partition: Option<&'a str>,
-    #[serde(default)]
-    generation: Option<i64>,
-    #[serde(default)]
+/// The part of a server message the benchmarks look at, borrowed from its text.
+///
+/// Reading stops as soon as a `partition` message has given its partition and
+/// generation: the server writes those before the `rows`, which can be large, so
+/// thousands of clients do not each scan every row.
+#[derive(Debug, Default)]
+struct Header<'de> {
+    kind: Option<&'de str>,
+    partition: Option<&'de str>,
+    /// `Some(None)` when the message says `"generation": null`.
+    generation: Option<Option<i64>>,
     message: Option<String>,
+}
+
+impl<'de> Header<'de> {
+    fn parse(text: &'de str) -> Header<'de> {
+        let mut header = Header::default();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        // After an early stop the deserializer complains that the object goes on; what
+        // was read stands, and a malformed message leaves the header incomplete.
+        let _ = deserializer.deserialize_map(HeaderVisitor {
+            header: &mut header,
+        });
+        header
+    }
+
+    /// A `partition` message whose partition and generation have been read.
+    fn has_partition_fields(&self) -> bool {
+        self.kind == Some("partition") && self.partition.is_some() && self.generation.is_some()
+    }
+}
+
+/// Fills a [`Header`] from the top-level fields of a message object.
+struct HeaderVisitor<'h, 'de> {
+    header: &'h mut Header<'de>,
+}
+
+impl<'de> Visitor<'de> for HeaderVisitor<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a server message object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<&'de str>()? {
+            match key {
+                "type" => self.header.kind = Some(map.next_value()?),
+                "partition" => self.header.partition = map.next_value()?,
+                "generation" => self.header.generation = Some(map.next_value()?),
+                "message" => self.header.message = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            if self.header.has_partition_fields() {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A server message, as far as the benchmarks care.
@@ -170,13 +219,12 @@ impl Incoming {
             Message::Close(_) => return Incoming::Closed,
             _ => return Incoming::Other,
         };
-        let Ok(header) = serde_json::from_str::<Header<'_>>(text) else {
-            return Incoming::Other;
-        };
-        match header.kind {
-            "partition" if header.partition == Some(partition) => {
-                Incoming::Partition(header.generation)
-            }
+        let header = Header::parse(text);
+        match header.kind.unwrap_or_default() {
+            "partition" if header.partition == Some(partition) => match header.generation {
+                Some(generation) => Incoming::Partition(generation),
+                None => Incoming::Other,
+            },
             "ready" => Incoming::Ready,
             "resync" => Incoming::Resync,
             "error" => Incoming::Error(header.message.unwrap_or_default()),
@@ -204,6 +252,62 @@ impl Ingestor {
             url: format!("{}/v1/events", target.base()),
             target: target.clone(),
         })
+    }
+
+    /// The highest seq of the server's event log now.
+    pub(crate) async fn log_head(&self) -> Result<i64> {
+        let mut after = 0;
+        loop {
+            let events = self.log_after(after).await?;
+            match events.last() {
+                Some(last) => after = last["seq"].as_i64().unwrap_or(after),
+                None => return Ok(after),
+            }
+        }
+    }
+
+    /// When the server completed the first build of the benchmark's partition after log
+    /// position `after`, as an instant of this process's clock (the server's own stamp
+    /// on `analysis.completed`; both run on this machine's clock).
+    pub(crate) async fn completed_after(&self, mut after: i64) -> Result<Option<Instant>> {
+        let partition = self.target.partition();
+        loop {
+            let events = self.log_after(after).await?;
+            let Some(last) = events.last() else {
+                return Ok(None);
+            };
+            after = last["seq"].as_i64().unwrap_or(after);
+            let completed = events.iter().find(|e| {
+                e["type"] == "analysis.completed"
+                    && e["analysis"] == self.target.analysis.as_str()
+                    && e["partition"] == partition.as_str()
+            });
+            if let Some(at) = completed.and_then(|e| e["at"].as_str()) {
+                let at = chrono::DateTime::parse_from_rfc3339(at)
+                    .with_context(|| format!("the log's time {at:?} is not RFC 3339"))?;
+                let ago = (chrono::Utc::now() - at.to_utc())
+                    .to_std()
+                    .unwrap_or_default();
+                return Ok(Some(Instant::now() - ago));
+            }
+        }
+    }
+
+    async fn log_after(&self, after: i64) -> Result<Vec<Value>> {
+        let url = format!("{}/v1/log?after={after}&limit=10000", self.target.base());
+        let page: Value = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.target.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot read the log at {url}"))?
+            .error_for_status()
+            .context("reading the log needs a read token")?
+            .json()
+            .await
+            .context("the log answer is not JSON")?;
+        Ok(page["events"].as_array().cloned().unwrap_or_default())
     }
 
     /// POST one new NDJSON record at a random second of the day and return the instant
@@ -283,6 +387,31 @@ mod tests {
             Incoming::Partition(Some(7))
         );
         assert_eq!(Incoming::read(&message, "2026-11-21"), Incoming::Other);
+    }
+
+    #[test]
+    fn fields_after_the_rows_are_found_too() {
+        let text = r#"{"rows":[{"generation":99,"partition":"x"}],"type":"partition","generation":3,"partition":"2026-11-20"}"#;
+        assert_eq!(
+            Incoming::read(&Message::text(text), "2026-11-20"),
+            Incoming::Partition(Some(3))
+        );
+    }
+
+    #[test]
+    fn errors_and_broken_messages_are_told_apart() {
+        let error = r#"{"type":"error","sub":"f","message":"no analysis \"x\""}"#;
+        assert_eq!(
+            Incoming::read(&Message::text(error), "2026-11-20"),
+            Incoming::Error("no analysis \"x\"".into())
+        );
+        let broken = r#"{"type":"partition","partition":"2026-11-20","rows":[1,"#;
+        assert_eq!(
+            Incoming::read(&Message::text(broken), "2026-11-20"),
+            Incoming::Other
+        );
+        let ready = r#"{"type":"ready","sub":"f"}"#;
+        assert_eq!(Incoming::read(&Message::text(ready), "x"), Incoming::Ready);
     }
 
     #[test]

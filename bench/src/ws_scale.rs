@@ -122,6 +122,7 @@ impl Tally {
     }
 }
 
+/// Open the clients, read the server's idle memory, then time `updates` fan-outs.
 pub(crate) async fn run(args: WsScaleArgs) -> Result<Value> {
     check_open_files(args.clients)?;
     let target = Arc::new(args.target.clone());
@@ -147,27 +148,38 @@ pub(crate) async fn run(args: WsScaleArgs) -> Result<Value> {
     let idle = server_memory(args.server_pid)?;
     let ingestor = Ingestor::new(&target)?;
     let mut pooled = Vec::new();
+    let mut spreads = Vec::new();
+    let mut pushes = Vec::new();
     let mut round_p99 = Vec::new();
     let mut expected = 0;
+    let cpu_before = Cpu::now(args.server_pid);
     for round in 0..args.updates {
         if round > 0 {
             tokio::time::sleep(ROUND_GAP).await;
         }
-        let (mut latencies, listening) = fan_out(&mut events, &mut tally, &ingestor).await?;
-        expected += listening;
+        let outcome = fan_out(&mut events, &mut tally, &ingestor).await?;
+        expected += outcome.listening;
+        let mut latencies = outcome.latencies();
         stats::sort(&mut latencies);
         let p99 = stats::quantile(&latencies, 0.99).map(stats::round2);
         eprintln!(
-            "ws-scale: round {}: {} clients updated, p99 {p99:?} ms",
+            "ws-scale: round {}: {} of {} clients updated, p99 {} ms",
             round + 1,
-            latencies.len()
+            latencies.len(),
+            outcome.listening,
+            p99.map_or("-".to_string(), |p| p.to_string())
         );
         round_p99.push(p99);
         pooled.extend(latencies);
+        spreads.extend(outcome.spreads());
+        pushes.extend(outcome.pushes());
     }
+    let cpu = Cpu::now(args.server_pid).since(&cpu_before);
     let after = server_memory(args.server_pid)?;
 
     stats::sort(&mut pooled);
+    stats::sort(&mut spreads);
+    stats::sort(&mut pushes);
     Ok(json!({
         "clients": args.clients,
         "connected": tally.connected,
@@ -183,11 +195,18 @@ pub(crate) async fn run(args: WsScaleArgs) -> Result<Value> {
         "received": pooled.len(),
         "expected": expected,
         "round_p99_ms": round_p99,
+        "push_p50_ms": stats::quantile(&pushes, 0.50).map(stats::round2),
+        "push_p99_ms": stats::quantile(&pushes, 0.99).map(stats::round2),
+        "push_max_ms": pushes.last().copied().map(stats::round2),
+        "spread_p50_ms": stats::quantile(&spreads, 0.50).map(stats::round2),
+        "spread_p99_ms": stats::quantile(&spreads, 0.99).map(stats::round2),
         "failed": tally.failed,
         "closed": tally.closed,
         "resyncs": tally.resyncs,
         "first_error": tally.first_error,
         "client_rss_mb": stats::memory("self").ok().map(|m| m.rss_mb),
+        "server_cpu_s_rounds": cpu.server,
+        "client_cpu_s_rounds": cpu.client,
     }))
 }
 
@@ -334,24 +353,69 @@ async fn wait_until_ready(
     Ok(())
 }
 
-/// One round: post one record and time its `partition` message at every client that
-/// is listening. Returns each client's latency in milliseconds (clients that are missing
-/// timed out) and how many clients were listening.
+/// One update round: when the record was acknowledged, when each client received
+/// the new generation, and how many clients were listening.
+struct Round {
+    ack: Instant,
+    /// When the server completed the rebuild the record caused.
+    completed: Option<Instant>,
+    receipts: Vec<Instant>,
+    listening: usize,
+}
+
+impl Round {
+    /// Per client, milliseconds from the acknowledgement to receipt.
+    fn latencies(&self) -> Vec<f64> {
+        let ack = self.ack;
+        self.receipts
+            .iter()
+            .map(|&at| stats::latency_ms(ack, at))
+            .collect()
+    }
+
+    /// Per client, milliseconds from the server's completion of the rebuild to receipt:
+    /// the push to every client, without the rebuild before it.
+    fn pushes(&self) -> Vec<f64> {
+        let Some(completed) = self.completed else {
+            return Vec::new();
+        };
+        self.receipts
+            .iter()
+            .map(|&at| stats::latency_ms(completed, at))
+            .collect()
+    }
+
+    /// Per client, milliseconds from the first client's receipt to its own: the cost of
+    /// fanning out, without the rebuild before it.
+    fn spreads(&self) -> Vec<f64> {
+        let Some(&first) = self.receipts.iter().min() else {
+            return Vec::new();
+        };
+        self.receipts
+            .iter()
+            .map(|&at| stats::latency_ms(first, at))
+            .collect()
+    }
+}
+
+/// Post one record and note when each listening client receives a newer generation
+/// of the partition (clients that do not within 10 s are left out).
 async fn fan_out(
     events: &mut mpsc::UnboundedReceiver<Event>,
     tally: &mut Tally,
     ingestor: &Ingestor,
-) -> Result<(Vec<f64>, usize)> {
+) -> Result<Round> {
     while let Ok(event) = events.try_recv() {
         tally.count(event);
     }
     let before = tally.generations.clone();
-    let waiting_for = (tally.ready - tally.closed.min(tally.ready)) as usize;
+    let listening = (tally.ready - tally.closed.min(tally.ready)) as usize;
+    let head = ingestor.log_head().await?;
     let ack = ingestor.post_one().await?;
     let deadline = ack + ROUND_TIMEOUT;
     let mut got = vec![false; before.len()];
-    let mut latencies = Vec::with_capacity(waiting_for);
-    while latencies.len() < waiting_for {
+    let mut receipts = Vec::with_capacity(listening);
+    while receipts.len() < listening {
         let Ok(Some(event)) = tokio::time::timeout_at(deadline.into(), events.recv()).await else {
             break;
         };
@@ -361,10 +425,45 @@ async fn fan_out(
         let index = client as usize;
         if generation > before[index] && !got[index] {
             got[index] = true;
-            latencies.push(stats::latency_ms(ack, at));
+            receipts.push(at);
         }
     }
-    Ok((latencies, waiting_for))
+    let completed = ingestor.completed_after(head).await?;
+    Ok(Round {
+        ack,
+        completed,
+        receipts,
+        listening,
+    })
+}
+
+/// CPU seconds used so far by the server (when its process id was given) and by this
+/// client; both share the machine's cores, so both shape the fan-out figures.
+struct Cpu {
+    server: Option<f64>,
+    client: Option<f64>,
+}
+
+impl Cpu {
+    fn now(server_pid: Option<u32>) -> Cpu {
+        Cpu {
+            server: server_pid.and_then(|pid| stats::cpu_seconds(&pid.to_string())),
+            client: stats::cpu_seconds("self"),
+        }
+    }
+
+    /// The CPU seconds used since `earlier`, rounded to milliseconds.
+    fn since(&self, earlier: &Cpu) -> Cpu {
+        let delta = |now: Option<f64>, then: Option<f64>| {
+            Some(stats::seconds(Duration::from_secs_f64(
+                (now? - then?).max(0.0),
+            )))
+        };
+        Cpu {
+            server: delta(self.server, earlier.server),
+            client: delta(self.client, earlier.client),
+        }
+    }
 }
 
 /// The server's memory, when its process id was given.

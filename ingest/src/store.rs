@@ -96,7 +96,15 @@ pub async fn write_batch(
         Database::Postgres(pg) if !ids.is_empty() => {
             let known = pg_digests(&pg.pool, &ids).await?;
             let quarantined = &outcome.quarantined;
-            match write_locked(db, &candidates, Some(known), quarantined, actor, received_at).await
+            match write_locked(
+                db,
+                &candidates,
+                Some(known),
+                quarantined,
+                actor,
+                received_at,
+            )
+            .await
             {
                 Err(e) if is_unique_violation(&e) => {
                     tracing::info!(
@@ -383,7 +391,10 @@ async fn count_hours(
                 " ON CONFLICT (kind, hour) DO UPDATE SET rows = record_hours.rows + excluded.rows, \
                  max_seq = excluded.max_seq",
             );
-            q.build().execute(&mut **$tx).await.map(|r| r.rows_affected())
+            q.build()
+                .execute(&mut **$tx)
+                .await
+                .map(|r| r.rows_affected())
         }};
     }
     match tx {

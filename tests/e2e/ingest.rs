@@ -278,8 +278,7 @@ both_backends!(
         // The same new ids from eight requests at once: on PostgreSQL each looks them up
         // before the write lock and finds nothing, so all but the first must notice the
         // others' records under the lock.
-        let answers =
-            futures::future::join_all((0..8).map(|_| app.ingest(ADMIN, &records))).await;
+        let answers = futures::future::join_all((0..8).map(|_| app.ingest(ADMIN, &records))).await;
         let (mut accepted, mut duplicates) = (0, 0);
         for (status, body) in &answers {
             assert_eq!(*status, StatusCode::OK, "{body}");
@@ -297,7 +296,8 @@ both_backends!(
         assert_eq!(ingested, 500, "the log counts each record once");
         if d.backend == Backend::Postgres {
             assert!(
-                app.log().contains("writing it again with the lookup under the lock"),
+                app.log()
+                    .contains("writing it again with the lookup under the lock"),
                 "the race was not exercised: {}",
                 app.log()
             );

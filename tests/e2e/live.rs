@@ -552,16 +552,23 @@ both_backends!(
 
         // A record arriving in a day makes its frame stale: the rebuild reads it.
         let (status, _) = app
-            .ingest(ADMIN, &[generation("a", "2024-08-02T12:30:00Z", json!(150.0))])
+            .ingest(
+                ADMIN,
+                &[generation("a", "2024-08-02T12:30:00Z", json!(150.0))],
+            )
             .await;
         assert_eq!(status, StatusCode::OK);
-        eventually(Duration::from_secs(10), "the late record in day two", || async {
-            let parts = partitions_of(
-                &app.annotations("daily_avg", "2024-08-02", "2024-08-03", 0)
-                    .await,
-            );
-            (parts["2024-08-02"]["rows"][0]["avg_mw"] == 50.0).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the late record in day two",
+            || async {
+                let parts = partitions_of(
+                    &app.annotations("daily_avg", "2024-08-02", "2024-08-03", 0)
+                        .await,
+                );
+                (parts["2024-08-02"]["rows"][0]["avg_mw"] == 50.0).then_some(())
+            },
+        )
         .await;
         assert_eq!(app.metric(LOADED).await, 4.0);
 

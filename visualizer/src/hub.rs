@@ -650,7 +650,9 @@ async fn serve_socket(hub: Hub, socket: WebSocket) {
 
     while let Some(message) = stream.next().await {
         match message {
-            Ok(Message::Text(text)) => hub.handle(id, &client, text.as_str()).await,
+            // Boxed: handling a message reads the cache and the database, and its large
+            // future would otherwise be inlined into every idle socket's task.
+            Ok(Message::Text(text)) => Box::pin(hub.handle(id, &client, text.as_str())).await,
             Ok(Message::Binary(_)) => {
                 let message = "binary messages are not understood; send JSON text".to_string();
                 let _ = client
