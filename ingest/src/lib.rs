@@ -65,6 +65,10 @@ pub struct IngestState {
     pub kinds: KindRegistry,
     pub limits: IngestLimits,
     inflight: Arc<Semaphore>,
+    /// Bodies parsed at once: one core fewer than the machine has, so that on a machine
+    /// shared with the database, parsing the next batches never starves the write (the
+    /// database's `COPY`) that everything else waits behind.
+    parsers: Arc<Semaphore>,
 }
 
 impl IngestState {
@@ -72,6 +76,11 @@ impl IngestState {
         let kinds = KindRegistry::load(shared.db.clone()).await?;
         Ok(IngestState {
             inflight: Arc::new(Semaphore::new(limits.max_inflight)),
+            parsers: Arc::new(Semaphore::new(
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get().saturating_sub(1))
+                    .max(1),
+            )),
             shared,
             kinds,
             limits,

@@ -130,7 +130,14 @@ async fn post_events(
     };
     let kinds = state.kinds.clone();
     let received_at = Utc::now();
+    let parsing = state
+        .parsers
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(ApiError::internal)?;
     let parsed = tokio::task::spawn_blocking(move || {
+        let _parsing = parsing;
         let body = if gzip { inflate(&raw, limit)? } else { raw };
         parse::parse_body(&body, format, &defaults, received_at, &|kind| {
             kinds.spec(kind)
