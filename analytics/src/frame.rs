@@ -85,16 +85,29 @@ pub async fn load(
     to: DateTime<Utc>,
     declared: &BTreeMap<String, Declared>,
 ) -> Result<PartitionInput> {
+    load_after(db, kind, from, to, declared, 0).await
+}
+
+/// Load the records of `kind` created in `[from, to)` whose `seq` is above `after`.
+pub async fn load_after(
+    db: &Database,
+    kind: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    declared: &BTreeMap<String, Declared>,
+    after: i64,
+) -> Result<PartitionInput> {
     let mut builder = FrameBuilder::new(kind, declared);
     match db {
         Database::Postgres(pg) => {
             let rows: Vec<PgRecordRow> = sqlx::query_as(
                 "SELECT data_id, source, created, received_at, seq, data::text FROM records \
-                 WHERE kind = $1 AND created >= $2 AND created < $3 ORDER BY created, data_id",
+                 WHERE kind = $1 AND created >= $2 AND created < $3 AND seq > $4 ORDER BY created, data_id",
             )
             .bind(kind)
             .bind(from)
             .bind(to)
+            .bind(after)
             .fetch_all(&pg.pool)
             .await?;
             for (id, source, created, received, seq, data) in rows {
@@ -111,11 +124,12 @@ pub async fn load(
         Database::Sqlite(d) => {
             let rows: Vec<(Uuid, String, i64, i64, i64, String)> = sqlx::query_as(
                 "SELECT data_id, source, created, received_at, seq, data FROM records \
-                 WHERE kind = $1 AND created >= $2 AND created < $3 ORDER BY created, data_id",
+                 WHERE kind = $1 AND created >= $2 AND created < $3 AND seq > $4 ORDER BY created, data_id",
             )
             .bind(kind)
             .bind(from.timestamp_micros())
             .bind(to.timestamp_micros())
+            .bind(after)
             .fetch_all(&d.pool)
             .await?;
             for (id, source, created, received, seq, data) in rows {

@@ -5,15 +5,17 @@
 //! keeps the columnar frames it loaded (bounded by size), and before reusing one it asks
 //! the partition's per-hour summary (`record_hours`, written by ingest in the records'
 //! own transaction) whether anything arrived since. One indexed lookup replaces reading
-//! and parsing every row again.
+//! and parsing every row again. When records did arrive (late data into a built day),
+//! only the hours that gained records are read, only their new rows, and appended.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
+use polars::prelude::SortMultipleOptions;
 
-use scholia_events::{Database, Granularity};
+use scholia_events::{Database, Granularity, PartitionKey};
 
 use crate::Result;
 use crate::frame::{self, Declared, PartitionInput};
@@ -45,9 +47,14 @@ struct Entry {
 pub enum Source {
     /// Reused from memory: the partition's records had not changed.
     Memory,
+    /// Reused, with the records that arrived since read from the database and appended.
+    Extended,
     /// Read from the database.
     Database,
 }
+
+/// Beyond this many hours with new records, reading the whole partition is simpler.
+const MAX_EXTEND_HOURS: usize = 6;
 
 /// The frame cache of one process.
 #[derive(Clone)]
@@ -84,11 +91,26 @@ impl FrameCache {
             from,
             to,
         };
-        if let Some(entry) = self.frames.get(&key).await
+        let cached = self
+            .frames
+            .get(&key)
+            .await
+            .filter(|entry| entry.declared == *declared);
+        if let Some(entry) = &cached
             && entry.summary == summary
-            && entry.declared == *declared
         {
             return Ok((entry.input.clone(), Source::Memory));
+        }
+        if let Some(entry) = cached
+            && let Some(input) = extend(db, &entry, kind, from, to, declared).await?
+        {
+            let entry = Entry {
+                summary,
+                declared: declared.clone(),
+                input: input.clone(),
+            };
+            self.frames.insert(key, Arc::new(entry)).await;
+            return Ok((input, Source::Extended));
         }
         let input = frame::load(db, kind, from, to, declared).await?;
         if input.rows > 0 {
@@ -103,6 +125,90 @@ impl FrameCache {
     }
 }
 
+/// The cached frame with the records that arrived since it was loaded, or `None` when
+/// reading the whole partition again is the better (or only) way.
+///
+/// Commits are in `seq` order (under the log lock), so what a load saw of a partition is
+/// exactly its records up to some `seq`: those above the frame's highest are the new ones.
+async fn extend(
+    db: &Database,
+    entry: &Entry,
+    kind: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    declared: &BTreeMap<String, Declared>,
+) -> Result<Option<PartitionInput>> {
+    let after = entry.input.max_seq;
+    let hours = changed_hours(db, kind, from, to, after).await?;
+    if hours.is_empty() || hours.len() > MAX_EXTEND_HOURS {
+        return Ok(None);
+    }
+    let mut input = entry.input.clone();
+    for hour in hours {
+        let (start, end) = (hour.start.max(from), hour.end().min(to));
+        let new = frame::load_after(db, kind, start, end, declared, after).await?;
+        if new.rows == 0 {
+            continue;
+        }
+        // New fields, or values that widen a column's type: read the whole partition.
+        if new.frame.schema() != input.frame.schema() {
+            return Ok(None);
+        }
+        input.frame.vstack_mut(&new.frame)?;
+        input.rows += new.rows;
+        input.max_seq = input.max_seq.max(new.max_seq);
+    }
+    // In the order a full load gives.
+    input.frame = input.frame.sort(
+        ["created", "data_id"],
+        SortMultipleOptions::default().with_maintain_order(true),
+    )?;
+    Ok(Some(input))
+}
+
+/// The hours of `[from, to)` that gained records of `kind` with a `seq` above `after`.
+async fn changed_hours(
+    db: &Database,
+    kind: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    after: i64,
+) -> Result<Vec<PartitionKey>> {
+    let (first, last) = hour_bounds(from, to);
+    let sql = "SELECT hour FROM record_hours \
+               WHERE kind = $1 AND hour >= $2 AND hour <= $3 AND max_seq > $4 ORDER BY hour";
+    let hours: Vec<String> = match db {
+        Database::Postgres(pg) => {
+            sqlx::query_scalar(sql)
+                .bind(kind)
+                .bind(&first)
+                .bind(&last)
+                .bind(after)
+                .fetch_all(&pg.pool)
+                .await?
+        }
+        Database::Sqlite(d) => {
+            sqlx::query_scalar(sql)
+                .bind(kind)
+                .bind(&first)
+                .bind(&last)
+                .bind(after)
+                .fetch_all(&d.pool)
+                .await?
+        }
+    };
+    Ok(hours
+        .iter()
+        .filter_map(|h| PartitionKey::parse(h).ok())
+        .collect())
+}
+
+/// The first and last hour keys (`2024-05-05T13`) of `[from, to)`.
+fn hour_bounds(from: DateTime<Utc>, to: DateTime<Utc>) -> (String, String) {
+    let hour = |t: DateTime<Utc>| Granularity::Hour.partition_of(t).to_string();
+    (hour(from), hour(to - chrono::Duration::microseconds(1)))
+}
+
 /// The summary of `kind`'s records created in `[from, to)` (whole hours).
 pub async fn summary(
     db: &Database,
@@ -110,9 +216,7 @@ pub async fn summary(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Summary> {
-    let hour = |t: DateTime<Utc>| Granularity::Hour.partition_of(t).to_string();
-    // Round the end up to the hour that holds its last instant.
-    let (first, last) = (hour(from), hour(to - chrono::Duration::microseconds(1)));
+    let (first, last) = hour_bounds(from, to);
     let sql = "SELECT CAST(COALESCE(SUM(rows), 0) AS BIGINT), CAST(COALESCE(MAX(max_seq), 0) AS BIGINT) \
                FROM record_hours WHERE kind = $1 AND hour >= $2 AND hour <= $3";
     let (rows, max_seq): (i64, i64) = match db {

@@ -268,6 +268,7 @@ impl Workers {
                 .await?;
             let counter = match source {
                 Source::Memory => "scholia_build_frames_reused_total",
+                Source::Extended => "scholia_build_frames_extended_total",
                 Source::Database => "scholia_build_frames_loaded_total",
             };
             self.metrics

@@ -541,6 +541,7 @@ both_backends!(
             .await;
         const LOADED: &str = "scholia_build_frames_loaded_total";
         const REUSED: &str = "scholia_build_frames_reused_total";
+        const EXTENDED: &str = "scholia_build_frames_extended_total";
         assert_eq!(app.metric(LOADED).await, 3.0);
         assert_eq!(app.metric(REUSED).await, 0.0);
 
@@ -550,7 +551,8 @@ both_backends!(
         assert_eq!(app.metric(LOADED).await, 3.0);
         assert_eq!(app.metric(REUSED).await, 3.0);
 
-        // A record arriving in a day makes its frame stale: the rebuild reads it.
+        // A record arriving in a day makes its frame stale: the rebuild reads that record
+        // (only it) and appends it.
         let (status, _) = app
             .ingest(
                 ADMIN,
@@ -570,9 +572,30 @@ both_backends!(
             },
         )
         .await;
-        assert_eq!(app.metric(LOADED).await, 4.0);
+        assert_eq!(app.metric(LOADED).await, 3.0);
+        assert_eq!(app.metric(EXTENDED).await, 1.0);
 
-        // And rewinding that day again reuses the new frame, late record included.
+        // A record with a field the frame does not have: the day is read whole again.
+        let mut odd = generation("a", "2024-08-03T06:00:00Z", json!(60.0));
+        odd["data"]["note"] = json!("maintenance");
+        let (status, _) = app.ingest(ADMIN, &[odd]).await;
+        assert_eq!(status, StatusCode::OK);
+        eventually(
+            Duration::from_secs(10),
+            "the new field in day three",
+            || async {
+                let parts = partitions_of(
+                    &app.annotations("daily_avg", "2024-08-03", "2024-08-04", 0)
+                        .await,
+                );
+                (parts["2024-08-03"]["rows"][0]["readings"] == 5).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(app.metric(LOADED).await, 4.0);
+        assert_eq!(app.metric(EXTENDED).await, 1.0);
+
+        // And rewinding the second day again reuses its frame, late record included.
         let id = invalidate(&app, "daily_avg", "2024-08-02", "2024-08-03", "eager").await;
         invalidation_reaches(&app, &id, "done", Duration::from_secs(30)).await;
         assert_eq!(app.metric(LOADED).await, 4.0);
