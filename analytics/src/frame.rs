@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use polars::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
@@ -85,10 +86,12 @@ pub async fn load(
     to: DateTime<Utc>,
     declared: &BTreeMap<String, Declared>,
 ) -> Result<PartitionInput> {
-    load_after(db, kind, from, to, declared, 0).await
+    load_after(db, kind, from, to, declared, 0, 0).await
 }
 
-/// Load the records of `kind` created in `[from, to)` whose `seq` is above `after`.
+/// Load the records of `kind` created in `[from, to)` whose `seq` is above `after`,
+/// streaming rows into the columns as they arrive. `expected` rows (a hint) are reserved
+/// up front.
 pub async fn load_after(
     db: &Database,
     kind: &str,
@@ -96,11 +99,13 @@ pub async fn load_after(
     to: DateTime<Utc>,
     declared: &BTreeMap<String, Declared>,
     after: i64,
+    expected: usize,
 ) -> Result<PartitionInput> {
     let mut builder = FrameBuilder::new(kind, declared);
+    builder.reserve(expected);
     match db {
         Database::Postgres(pg) => {
-            let rows: Vec<PgRecordRow> = sqlx::query_as(
+            let mut rows = sqlx::query_as::<_, PgRecordRow>(
                 "SELECT data_id, source, created, received_at, seq, data::text FROM records \
                  WHERE kind = $1 AND created >= $2 AND created < $3 AND seq > $4 ORDER BY created, data_id",
             )
@@ -108,9 +113,8 @@ pub async fn load_after(
             .bind(from)
             .bind(to)
             .bind(after)
-            .fetch_all(&pg.pool)
-            .await?;
-            for (id, source, created, received, seq, data) in rows {
+            .fetch(&pg.pool);
+            while let Some((id, source, created, received, seq, data)) = rows.try_next().await? {
                 builder.push(
                     id,
                     source,
@@ -122,7 +126,7 @@ pub async fn load_after(
             }
         }
         Database::Sqlite(d) => {
-            let rows: Vec<(Uuid, String, i64, i64, i64, String)> = sqlx::query_as(
+            let mut rows = sqlx::query_as::<_, (Uuid, String, i64, i64, i64, String)>(
                 "SELECT data_id, source, created, received_at, seq, data FROM records \
                  WHERE kind = $1 AND created >= $2 AND created < $3 AND seq > $4 ORDER BY created, data_id",
             )
@@ -130,9 +134,8 @@ pub async fn load_after(
             .bind(from.timestamp_micros())
             .bind(to.timestamp_micros())
             .bind(after)
-            .fetch_all(&d.pool)
-            .await?;
-            for (id, source, created, received, seq, data) in rows {
+            .fetch(&d.pool);
+            while let Some((id, source, created, received, seq, data)) = rows.try_next().await? {
                 builder.push(id, source, created, received, seq, &data);
             }
         }
@@ -377,6 +380,13 @@ impl<'a> FrameBuilder<'a> {
             max_seq: 0,
             fields,
         }
+    }
+
+    fn reserve(&mut self, rows: usize) {
+        self.ids.reserve(rows);
+        self.sources.reserve(rows);
+        self.created.reserve(rows);
+        self.received.reserve(rows);
     }
 
     fn push(

@@ -112,7 +112,8 @@ impl FrameCache {
             self.frames.insert(key, Arc::new(entry)).await;
             return Ok((input, Source::Extended));
         }
-        let input = frame::load(db, kind, from, to, declared).await?;
+        let expected = usize::try_from(summary.rows).unwrap_or(0);
+        let input = frame::load_after(db, kind, from, to, declared, 0, expected).await?;
         if input.rows > 0 {
             let entry = Entry {
                 summary,
@@ -146,7 +147,7 @@ async fn extend(
     let mut input = entry.input.clone();
     for hour in hours {
         let (start, end) = (hour.start.max(from), hour.end().min(to));
-        let new = frame::load_after(db, kind, start, end, declared, after).await?;
+        let new = frame::load_after(db, kind, start, end, declared, after, 0).await?;
         if new.rows == 0 {
             continue;
         }
