@@ -14,6 +14,7 @@ mod routes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -88,7 +89,12 @@ pub struct AnnotationCache {
     pub shared: Shared,
     pub registry: Registry,
     annotations: Cache<(String, String), Option<Arc<Stored>>>,
-    queue_states: Cache<String, Arc<HashMap<String, QueueState>>>,
+    /// Per analysis, its partitions' queue states, keyed with the `epoch` they were read in.
+    queue_states: Cache<(String, u64), Arc<HashMap<String, QueueState>>>,
+    /// Bumped whenever the bus says something changed. A read that started before a bump
+    /// may have seen the old state, so what it loaded is never cached as current: it is
+    /// filed under its old epoch (queue states) or not kept at all (annotations).
+    epoch: Arc<AtomicU64>,
     changes: broadcast::Sender<Arc<LoggedEvent>>,
 }
 
@@ -119,6 +125,7 @@ impl AnnotationCache {
             registry,
             annotations,
             queue_states,
+            epoch: Arc::new(AtomicU64::new(0)),
             changes,
         }
     }
@@ -144,6 +151,7 @@ impl AnnotationCache {
                 Some(Delivery::Event(event, _)) => self.apply(event).await,
                 Some(Delivery::Lagged) => {
                     tracing::warn!("The cache fell behind the bus; dropping everything it held");
+                    self.epoch.fetch_add(1, Ordering::SeqCst);
                     self.annotations.invalidate_all();
                     self.queue_states.invalidate_all();
                     let _ = self.registry.refresh().await;
@@ -160,6 +168,7 @@ impl AnnotationCache {
                 partition,
                 ..
             } => {
+                self.epoch.fetch_add(1, Ordering::SeqCst);
                 self.annotations
                     .invalidate(&(analysis.clone(), partition.to_string()))
                     .await;
@@ -174,13 +183,13 @@ impl AnnotationCache {
             | EventBody::AnalysisStarted { analysis, .. }
             | EventBody::AnalysisFailed { analysis, .. } => Some(analysis.clone()),
             EventBody::AdminAction { action, .. } if action == "invalidation.cancelled" => {
-                self.queue_states.invalidate_all();
+                self.epoch.fetch_add(1, Ordering::SeqCst);
                 None
             }
             _ => None,
         };
-        if let Some(analysis) = analysis {
-            self.queue_states.invalidate(&analysis).await;
+        if analysis.is_some() {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
             let _ = self.changes.send(Arc::new(event));
         }
     }
@@ -191,8 +200,9 @@ impl AnnotationCache {
     ) -> scholia_analytics::Result<Arc<HashMap<String, QueueState>>> {
         let db = self.shared.db.clone();
         let name = analysis.to_string();
+        let epoch = self.epoch.load(Ordering::SeqCst);
         self.queue_states
-            .try_get_with(analysis.to_string(), async move {
+            .try_get_with((analysis.to_string(), epoch), async move {
                 let states = queue::states(&db, &name, "", "\u{10FFFF}").await?;
                 Ok::<_, scholia_analytics::Error>(Arc::new(
                     states
@@ -228,12 +238,17 @@ impl AnnotationCache {
             }
         }
         if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+            let epoch = self.epoch.load(Ordering::SeqCst);
             let loaded = load_range(&self.shared.db, analysis, first, last).await?;
+            // Something changed while this was read: answer with it, but do not keep it.
+            let keep = self.epoch.load(Ordering::SeqCst) == epoch;
             for key in &missing {
                 let value = loaded.get(key).cloned();
-                self.annotations
-                    .insert((analysis.to_string(), key.clone()), value.clone())
-                    .await;
+                if keep {
+                    self.annotations
+                        .insert((analysis.to_string(), key.clone()), value.clone())
+                        .await;
+                }
                 if let Some(stored) = value {
                     found.insert(key.clone(), stored);
                 }
@@ -297,7 +312,7 @@ impl AnnotationCache {
                 actor,
             )
             .await?;
-            self.queue_states.invalidate(analysis.name()).await;
+            self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         Ok(wanted)
     }
