@@ -19,6 +19,7 @@ use scholia_events::{Database, Granularity, PartitionKey};
 
 use crate::Result;
 use crate::frame::{self, Declared, PartitionInput};
+use crate::queue::on_db;
 
 /// What `record_hours` says of a range: records and the highest seq among them. Both only
 /// grow, so an unchanged summary means unchanged records.
@@ -183,26 +184,13 @@ async fn changed_hours(
     let (first, last) = hour_bounds(from, to);
     let sql = "SELECT hour FROM record_hours \
                WHERE kind = $1 AND hour >= $2 AND hour <= $3 AND max_seq > $4 ORDER BY hour";
-    let hours: Vec<String> = match db {
-        Database::Postgres(pg) => {
-            sqlx::query_scalar(sql)
-                .bind(kind)
-                .bind(&first)
-                .bind(&last)
-                .bind(after)
-                .fetch_all(&pg.pool)
-                .await?
-        }
-        Database::Sqlite(d) => {
-            sqlx::query_scalar(sql)
-                .bind(kind)
-                .bind(&first)
-                .bind(&last)
-                .bind(after)
-                .fetch_all(&d.pool)
-                .await?
-        }
-    };
+    let hours: Vec<String> = on_db!(db, |p| sqlx::query_scalar(sql)
+        .bind(kind)
+        .bind(&first)
+        .bind(&last)
+        .bind(after)
+        .fetch_all(p)
+        .await?);
     Ok(hours
         .iter()
         .filter_map(|h| PartitionKey::parse(h).ok())
@@ -225,23 +213,11 @@ pub async fn summary(
     let (first, last) = hour_bounds(from, to);
     let sql = "SELECT CAST(COALESCE(SUM(rows), 0) AS BIGINT), CAST(COALESCE(MAX(max_seq), 0) AS BIGINT) \
                FROM record_hours WHERE kind = $1 AND hour >= $2 AND hour <= $3";
-    let (rows, max_seq): (i64, i64) = match db {
-        Database::Postgres(pg) => {
-            sqlx::query_as(sql)
-                .bind(kind)
-                .bind(&first)
-                .bind(&last)
-                .fetch_one(&pg.pool)
-                .await?
-        }
-        Database::Sqlite(d) => {
-            sqlx::query_as(sql)
-                .bind(kind)
-                .bind(&first)
-                .bind(&last)
-                .fetch_one(&d.pool)
-                .await?
-        }
-    };
+    let (rows, max_seq): (i64, i64) = on_db!(db, |p| sqlx::query_as(sql)
+        .bind(kind)
+        .bind(&first)
+        .bind(&last)
+        .fetch_one(p)
+        .await?);
     Ok(Summary { rows, max_seq })
 }
