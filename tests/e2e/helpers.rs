@@ -19,7 +19,8 @@ pub enum Backend {
 }
 
 /// Where PostgreSQL and NATS are, from `SCHOLIA_TEST_DATABASE_URL` and
-/// `SCHOLIA_TEST_NATS_URL`, else the standard local ports when both answer.
+/// `SCHOLIA_TEST_NATS_URL`, else the standard local ports when both answer, else (with the
+/// `containers` feature) testcontainers, where a container engine answers.
 pub struct Services {
     pub pg_admin_url: String,
     pub nats_url: String,
@@ -38,7 +39,10 @@ async fn services() -> Option<&'static Services> {
                     pg_admin_url: pg,
                     nats_url: nats,
                 }),
-                _ => local::find().await,
+                _ => match local::find().await {
+                    Some(services) => Some(services),
+                    None => containers::start().await,
+                },
             }
         })
         .await
@@ -59,6 +63,58 @@ pub async fn require_services(test: &str) -> Option<&'static Services> {
             );
             None
         }
+    }
+}
+
+#[cfg(feature = "containers")]
+mod containers {
+    use super::Services;
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{GenericImage, ImageExt};
+
+    /// Start PostgreSQL and NATS in containers; they live as long as the test process.
+    pub(super) async fn start() -> Option<Services> {
+        let pg = GenericImage::new("postgres", "15")
+            .with_exposed_port(5432.tcp())
+            .with_wait_for(WaitFor::message_on_stderr(
+                "database system is ready to accept connections",
+            ))
+            .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+            .start()
+            .await
+            .ok()?;
+        let nats = GenericImage::new("nats", "2.10")
+            .with_exposed_port(4222.tcp())
+            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+            .with_cmd(["-js"])
+            .start()
+            .await
+            .ok()?;
+        let services = Services {
+            pg_admin_url: format!(
+                "postgres://postgres@127.0.0.1:{}/postgres",
+                pg.get_host_port_ipv4(5432).await.ok()?
+            ),
+            nats_url: format!(
+                "nats://127.0.0.1:{}",
+                nats.get_host_port_ipv4(4222).await.ok()?
+            ),
+        };
+        // Kept for the life of the process.
+        std::mem::forget(pg);
+        std::mem::forget(nats);
+        Some(services)
+    }
+}
+
+#[cfg(not(feature = "containers"))]
+mod containers {
+    use super::Services;
+
+    /// Without the `containers` feature there is nothing to start.
+    pub(super) async fn start() -> Option<Services> {
+        None
     }
 }
 
