@@ -563,7 +563,7 @@ pub(crate) async fn token(command: TokenCommand) -> Result<()> {
         sources,
         name,
     } = command;
-    let scope: scholia_events::auth::Scope = scope.parse().map_err(anyhow::Error::msg)?;
+    let scope: scholia_events::token::Scope = scope.parse().map_err(anyhow::Error::msg)?;
     if std::env::var("SCHOLIA_TOKEN").is_ok_and(|t| !t.is_empty()) {
         let client = Client::from_env()?;
         let body = json!({"scope": scope, "sources": sources, "name": name});
@@ -587,22 +587,20 @@ pub(crate) async fn token(command: TokenCommand) -> Result<()> {
         );
     } else {
         let url = std::env::var("SCHOLIA_DATABASE_URL").ok();
-        let db = scholia_events::Database::connect(url.as_deref()).await?;
+        let store = scholia_store::connect(url.as_deref()).await?;
         let name = name.unwrap_or_else(|| format!("{scope} token"));
-        let (token, secret) = scholia_events::auth::create(&db, scope, sources, &name).await?;
-        scholia_events::log::append_now(
-            &db,
-            vec![scholia_events::NewEvent::new(
-                "command line (database access)",
-                scholia_events::EventBody::AdminAction {
-                    action: "token.created".into(),
-                    target: token.id.to_string(),
-                    detail: json!({"scope": token.scope, "sources": token.sources, "name": token.name}),
-                },
-            )],
-        )
-        .await?;
-        db.close().await;
+        let secret = scholia_events::token::new_secret();
+        let token = store
+            .tokens
+            .create(
+                scope,
+                sources,
+                &name,
+                &scholia_events::token::hash_secret(&secret),
+                Some("command line (database access)"),
+            )
+            .await?;
+        store.database.close().await;
         println!("Created {} token {}", scope, token.id);
         println!("{secret}");
     }

@@ -1,7 +1,11 @@
 //! Typed configuration of `serve`, layered: defaults < `SCHOLIA_*` environment < flags.
-//! Every invalid setting is reported at once, before anything starts.
+//! Every setting is read as text and checked here, so that every invalid one is reported
+//! at once, before anything starts.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -20,6 +24,9 @@ pub(crate) struct ServeArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "SCHOLIA_LISTEN", default_value = "127.0.0.1:7070")]
     pub(crate) listen: String,
+    /// Write the address the service listens on to this file once it does.
+    #[arg(long, env = "SCHOLIA_ADDRESS_FILE")]
+    pub(crate) address_file: Option<PathBuf>,
     /// sqlite://… or postgres://…; the embedded SQLite file under ./scholia-data/ when unset.
     #[arg(long, env = "SCHOLIA_DATABASE_URL")]
     pub(crate) database_url: Option<String>,
@@ -29,45 +36,72 @@ pub(crate) struct ServeArgs {
     /// Subject prefix on NATS; the stream is named after it in capitals.
     #[arg(long, env = "SCHOLIA_NATS_PREFIX", default_value = "scholia")]
     pub(crate) nats_prefix: String,
-    /// The most the NATS stream keeps, in megabytes (JetStream reserves it up front).
-    #[arg(long, env = "SCHOLIA_NATS_MAX_MB", default_value_t = 1024)]
-    pub(crate) nats_max_mb: i64,
+    /// The most the NATS stream keeps, in megabytes; past it the oldest events go (they
+    /// stay in the SQL log).
+    #[arg(long, env = "SCHOLIA_NATS_MAX_MB", default_value = "256")]
+    pub(crate) nats_max_mb: String,
+    /// How long the NATS stream keeps an event, in seconds.
+    #[arg(long, env = "SCHOLIA_NATS_MAX_AGE_SECONDS", default_value = "3600")]
+    pub(crate) nats_max_age_seconds: String,
     /// The admin token to accept (created if new); without it the first start creates one.
     #[arg(long, env = "SCHOLIA_ADMIN_TOKEN", hide_env_values = true)]
     pub(crate) admin_token: Option<String>,
     /// The largest request body accepted, after gzip inflation too.
-    #[arg(long, env = "SCHOLIA_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
-    pub(crate) max_body_bytes: usize,
+    #[arg(long, env = "SCHOLIA_MAX_BODY_BYTES", default_value = "16777216")]
+    pub(crate) max_body_bytes: String,
+    /// How long a request body may take to arrive, in seconds.
+    #[arg(long, env = "SCHOLIA_BODY_TIMEOUT_SECONDS", default_value = "30")]
+    pub(crate) body_timeout_seconds: String,
     /// Batches written at once before new ones get 503.
-    #[arg(long, env = "SCHOLIA_MAX_INFLIGHT_BATCHES", default_value_t = 32)]
-    pub(crate) max_inflight_batches: usize,
+    #[arg(long, env = "SCHOLIA_MAX_INFLIGHT_BATCHES", default_value = "32")]
+    pub(crate) max_inflight_batches: String,
+    /// How long quarantined lines are kept, in days.
+    #[arg(long, env = "SCHOLIA_QUARANTINE_DAYS", default_value = "30")]
+    pub(crate) quarantine_days: String,
+    /// The most quarantined lines kept; the oldest go first.
+    #[arg(long, env = "SCHOLIA_QUARANTINE_MAX_ROWS", default_value = "1000000")]
+    pub(crate) quarantine_max_rows: String,
     /// Builds one worker process runs at once.
-    #[arg(long, env = "SCHOLIA_WORKER_CONCURRENCY", default_value_t = 2)]
-    pub(crate) worker_concurrency: usize,
+    #[arg(long, env = "SCHOLIA_WORKER_CONCURRENCY", default_value = "2")]
+    pub(crate) worker_concurrency: String,
+    /// The longest one build may run, in seconds.
+    #[arg(long, env = "SCHOLIA_BUILD_TIMEOUT_SECONDS", default_value = "600")]
+    pub(crate) build_timeout_seconds: String,
+    /// How often the reconciler compares built partitions with what SQL holds, in
+    /// seconds: the longest a lost bus message can delay a rebuild.
+    #[arg(long, env = "SCHOLIA_RECONCILE_SECONDS", default_value = "5")]
+    pub(crate) reconcile_seconds: String,
     /// Origins besides the page's own allowed to open the websocket (comma-separated).
     #[arg(long, env = "SCHOLIA_ALLOWED_ORIGINS", default_value = "")]
     pub(crate) allowed_origins: String,
     /// Memory for cached annotations, in megabytes.
-    #[arg(long, env = "SCHOLIA_CACHE_MB", default_value_t = 256)]
-    pub(crate) cache_mb: u64,
-    /// Memory a worker process keeps partitions' input frames in, in megabytes (0: none),
-    /// so that rebuilding unchanged partitions skips reading and parsing their records.
-    #[arg(long, env = "SCHOLIA_FRAME_CACHE_MB", default_value_t = 1024)]
-    pub(crate) frame_cache_mb: u64,
+    #[arg(long, env = "SCHOLIA_CACHE_MB", default_value = "256")]
+    pub(crate) cache_mb: String,
+    /// Memory a worker process keeps kinds' frames in, in megabytes (0: none), so that
+    /// rebuilding unchanged partitions skips reading and parsing their records.
+    #[arg(long, env = "SCHOLIA_FRAME_CACHE_MB", default_value = "1024")]
+    pub(crate) frame_cache_mb: String,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ServeConfig {
     pub(crate) roles: Vec<String>,
     pub(crate) listen: SocketAddr,
+    pub(crate) address_file: Option<PathBuf>,
     pub(crate) database_url: Option<String>,
     pub(crate) nats_url: Option<String>,
     pub(crate) nats_prefix: String,
     pub(crate) nats_max_bytes: i64,
+    pub(crate) nats_max_age: Duration,
     pub(crate) admin_token: Option<String>,
     pub(crate) max_body_bytes: usize,
+    pub(crate) body_timeout: Duration,
     pub(crate) max_inflight_batches: usize,
+    pub(crate) quarantine_days: i64,
+    pub(crate) quarantine_max_rows: u64,
     pub(crate) worker_concurrency: usize,
+    pub(crate) build_timeout: Duration,
+    pub(crate) reconcile_every: Duration,
     pub(crate) allowed_origins: Vec<String>,
     pub(crate) cache_bytes: u64,
     pub(crate) frame_cache_bytes: u64,
@@ -79,9 +113,31 @@ impl ServeConfig {
     }
 }
 
+/// Collects every problem of a configuration before reporting them together.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// `text` as a `T` within `[min, max]`, or a problem naming `name`.
+    fn number<T>(&mut self, name: &str, text: &str, min: T, max: T) -> T
+    where
+        T: FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        match text.trim().parse::<T>() {
+            Ok(value) if value >= min && value <= max => value,
+            _ => {
+                self.0.push(format!(
+                    "{name} is {text:?}; it must be a whole number from {min} to {max}"
+                ));
+                min
+            }
+        }
+    }
+}
+
 impl ServeArgs {
     pub(crate) fn into_config(self) -> Result<ServeConfig> {
-        let mut problems = Vec::new();
+        let mut p = Problems::default();
         let roles: Vec<String> = self
             .roles
             .split(',')
@@ -90,40 +146,36 @@ impl ServeArgs {
             .collect();
         for role in &roles {
             if !ALL_ROLES.contains(&role.as_str()) {
-                problems.push(format!(
+                p.0.push(format!(
                     "unknown role {role:?} in --roles; choose from {}",
                     ALL_ROLES.join(", ")
                 ));
             }
         }
         if roles.is_empty() {
-            problems.push(format!(
+            p.0.push(format!(
                 "--roles is empty; choose some of {}",
                 ALL_ROLES.join(", ")
             ));
         }
-        let listen = match self.listen.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                problems.push(format!(
-                    "--listen {:?} is not an address such as 127.0.0.1:7070",
-                    self.listen
-                ));
-                None
-            }
-        };
+        let listen = self.listen.parse::<SocketAddr>().ok();
+        if listen.is_none() {
+            p.0.push(format!(
+                "--listen {:?} is not an address such as 127.0.0.1:7070",
+                self.listen
+            ));
+        }
         if let Some(url) = &self.database_url
             && !(url.starts_with("sqlite:")
                 || url.starts_with("postgres:")
                 || url.starts_with("postgresql:"))
         {
-            problems
-                .push("SCHOLIA_DATABASE_URL must start with sqlite:// or postgres://".to_string());
+            p.0.push("SCHOLIA_DATABASE_URL must start with sqlite:// or postgres://".to_string());
         }
         if let Some(url) = &self.nats_url
             && !(url.starts_with("nats://") || url.starts_with("tls://") || !url.contains("://"))
         {
-            problems.push(format!("SCHOLIA_NATS_URL {url:?} must be a nats:// URL"));
+            p.0.push(format!("SCHOLIA_NATS_URL {url:?} must be a nats:// URL"));
         }
         if self.nats_prefix.is_empty()
             || !self
@@ -131,7 +183,7 @@ impl ServeArgs {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            problems.push(format!(
+            p.0.push(format!(
                 "SCHOLIA_NATS_PREFIX {:?} must be letters, digits, '-' or '_'",
                 self.nats_prefix
             ));
@@ -139,42 +191,127 @@ impl ServeArgs {
         if let Some(token) = &self.admin_token
             && token.len() < 16
         {
-            problems.push("SCHOLIA_ADMIN_TOKEN must be at least 16 characters long".to_string());
+            p.0.push("SCHOLIA_ADMIN_TOKEN must be at least 16 characters long".to_string());
         }
-        if self.nats_max_mb < 1 {
-            problems.push("SCHOLIA_NATS_MAX_MB must be at least 1".to_string());
-        }
-        if self.max_body_bytes < 1024 {
-            problems.push("SCHOLIA_MAX_BODY_BYTES must be at least 1024".to_string());
-        }
-        if self.max_inflight_batches == 0 || self.worker_concurrency == 0 {
-            problems.push(
-                "SCHOLIA_MAX_INFLIGHT_BATCHES and SCHOLIA_WORKER_CONCURRENCY must be at least 1"
-                    .to_string(),
-            );
-        }
-        if !problems.is_empty() {
-            bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        let nats_max_mb: i64 = p.number("SCHOLIA_NATS_MAX_MB", &self.nats_max_mb, 1, 1 << 20);
+        let nats_max_age: u64 = p.number(
+            "SCHOLIA_NATS_MAX_AGE_SECONDS",
+            &self.nats_max_age_seconds,
+            10,
+            365 * 86_400,
+        );
+        let max_body_bytes: usize = p.number(
+            "SCHOLIA_MAX_BODY_BYTES",
+            &self.max_body_bytes,
+            1024,
+            1 << 30,
+        );
+        let body_timeout: u64 = p.number(
+            "SCHOLIA_BODY_TIMEOUT_SECONDS",
+            &self.body_timeout_seconds,
+            1,
+            3_600,
+        );
+        let max_inflight_batches: usize = p.number(
+            "SCHOLIA_MAX_INFLIGHT_BATCHES",
+            &self.max_inflight_batches,
+            1,
+            10_000,
+        );
+        let quarantine_days: i64 =
+            p.number("SCHOLIA_QUARANTINE_DAYS", &self.quarantine_days, 1, 36_500);
+        let quarantine_max_rows: u64 = p.number(
+            "SCHOLIA_QUARANTINE_MAX_ROWS",
+            &self.quarantine_max_rows,
+            1,
+            1 << 40,
+        );
+        let worker_concurrency: usize = p.number(
+            "SCHOLIA_WORKER_CONCURRENCY",
+            &self.worker_concurrency,
+            1,
+            1_024,
+        );
+        let build_timeout: u64 = p.number(
+            "SCHOLIA_BUILD_TIMEOUT_SECONDS",
+            &self.build_timeout_seconds,
+            1,
+            86_400,
+        );
+        let reconcile: u64 = p.number(
+            "SCHOLIA_RECONCILE_SECONDS",
+            &self.reconcile_seconds,
+            1,
+            3_600,
+        );
+        let cache_mb: u64 = p.number("SCHOLIA_CACHE_MB", &self.cache_mb, 1, 1 << 20);
+        let frame_cache_mb: u64 =
+            p.number("SCHOLIA_FRAME_CACHE_MB", &self.frame_cache_mb, 0, 1 << 20);
+        if !p.0.is_empty() {
+            bail!("invalid configuration:\n  - {}", p.0.join("\n  - "));
         }
         Ok(ServeConfig {
             roles,
             listen: listen.expect("checked above"),
+            address_file: self.address_file,
             database_url: self.database_url,
             nats_url: self.nats_url,
             nats_prefix: self.nats_prefix,
-            nats_max_bytes: self.nats_max_mb * 1024 * 1024,
+            nats_max_bytes: nats_max_mb * 1024 * 1024,
+            nats_max_age: Duration::from_secs(nats_max_age),
             admin_token: self.admin_token,
-            max_body_bytes: self.max_body_bytes,
-            max_inflight_batches: self.max_inflight_batches,
-            worker_concurrency: self.worker_concurrency,
+            max_body_bytes,
+            body_timeout: Duration::from_secs(body_timeout),
+            max_inflight_batches,
+            quarantine_days,
+            quarantine_max_rows,
+            worker_concurrency,
+            build_timeout: Duration::from_secs(build_timeout),
+            reconcile_every: Duration::from_secs(reconcile),
             allowed_origins: self
                 .allowed_origins
                 .split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())
                 .filter(|o| !o.is_empty())
                 .collect(),
-            cache_bytes: self.cache_mb * 1024 * 1024,
-            frame_cache_bytes: self.frame_cache_mb * 1024 * 1024,
+            cache_bytes: cache_mb * 1024 * 1024,
+            frame_cache_bytes: frame_cache_mb * 1024 * 1024,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_at_once() {
+        let cli = Cli::parse_from([
+            "scholia",
+            "--roles",
+            "ingest,cook",
+            "--cache-mb",
+            "lots",
+            "--reconcile-seconds",
+            "0",
+            "--listen",
+            "here",
+        ]);
+        let error = cli.serve.into_config().unwrap_err().to_string();
+        for named in [
+            "cook",
+            "SCHOLIA_CACHE_MB",
+            "SCHOLIA_RECONCILE_SECONDS",
+            "--listen",
+        ] {
+            assert!(error.contains(named), "{named} missing from: {error}");
+        }
     }
 }

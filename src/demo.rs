@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Duration as Span, Timelike, Utc};
 use rand::Rng;
+use scholia_events::tasks::OnFailure;
+use scholia_events::token::{self, Scope};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -80,12 +82,44 @@ async fn send(client: &reqwest::Client, base: &str, token: &str, records: &[Valu
     Ok(())
 }
 
-/// Send history, then live records until shut down.
-pub(crate) async fn run_producers(
-    base: &str,
-    token: &str,
-    shutdown: CancellationToken,
+/// Make the demo's tokens, print the page's URL, and start the producers.
+pub(crate) async fn start(
+    app: &crate::app::Application,
+    config: &crate::config::ServeConfig,
 ) -> Result<()> {
+    let core = app.core();
+    let tokens = &core.store.tokens;
+    let create = async |scope: Scope, name: &str| -> Result<String> {
+        let secret = token::new_secret();
+        tokens
+            .create(scope, Vec::new(), name, &token::hash_secret(&secret), None)
+            .await?;
+        Ok(secret)
+    };
+    let read = create(Scope::Read, "demo viewer").await?;
+    let admin = match (&app.created_admin, &config.admin_token) {
+        (Some(secret), _) | (None, Some(secret)) => secret.clone(),
+        (None, None) => create(Scope::Admin, "demo admin").await?,
+    };
+    let producer = create(Scope::Ingest, "demo producers").await?;
+    let address = app.address();
+    println!("Open the live charts: http://{address}/?token={admin}&analysis=daily_avg");
+    println!("Read-only token: {read}");
+    let base = format!("http://{address}");
+    core.supervisor
+        .spawn("demo-producers", OnFailure::Restart, move |stop| {
+            let (base, producer) = (base.clone(), producer.clone());
+            async move {
+                run_producers(&base, &producer, stop).await.map_err(|e| {
+                    scholia_events::Error::unavailable("the demo producers", format!("{e:#}"))
+                })
+            }
+        });
+    Ok(())
+}
+
+/// Send history, then live records until shut down.
+async fn run_producers(base: &str, token: &str, shutdown: CancellationToken) -> Result<()> {
     let client = reqwest::Client::new();
     let now = Utc::now();
     let start = now - Span::days(HISTORY_DAYS);

@@ -1,10 +1,11 @@
 //! The `scholia` command: parses the command line and hands each subcommand to the
 //! component that does the work.
 
+mod app;
 mod client;
 mod config;
 mod demo;
-mod serve;
+mod openapi;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -59,6 +60,38 @@ enum Command {
     },
 }
 
+/// `scholia serve` and `scholia demo`.
+async fn serve(config: config::ServeConfig, demo: bool) -> Result<()> {
+    init_tracing();
+    let app = app::Application::build(&config).await?;
+    let address = app.address();
+    println!(
+        "Scholia listening on http://{address} (database: {}, bus: {}, roles: {})",
+        app.core().store.database.backend(),
+        app.core().bus.name(),
+        config.roles.join(",")
+    );
+    if let Some(secret) = &app.created_admin {
+        println!("Created the first admin token; it is shown only this once:\n{secret}");
+    }
+    if demo {
+        demo::start(&app, &config).await?;
+    }
+    std::io::Write::flush(&mut std::io::stdout())?;
+    app.run_until_stopped().await
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SCHOLIA_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -66,8 +99,8 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::serve(args.into_config()?, false).await,
-            Command::Demo(args) => serve::serve(args.into_config()?, true).await,
+            Command::Serve(args) => serve(args.into_config()?, false).await,
+            Command::Demo(args) => serve(args.into_config()?, true).await,
             Command::Ingest(args) => client::ingest(args).await,
             Command::Analyses { command } => client::analyses(command).await,
             Command::Invalidate(args) => client::invalidate(args).await,

@@ -1,60 +1,60 @@
-//! The `Analysis` trait and what the API shows of an analysis.
+//! The `Analysis` trait: a computation from one partition's inputs to an annotation.
 
-use polars::prelude::DataFrame;
-use serde::Serialize;
+use std::collections::BTreeMap;
 
-use scholia_events::Granularity;
+use polars::prelude::{DataFrame, PolarsError, PolarsResult};
 
-/// A computation from one partition of records of one kind to an annotation.
+use scholia_events::analysis::{AnalysisMeta, InputSource};
+
+/// The input frames of one partition, one per input of the analysis.
 ///
-/// The input frame has the columns `data_id`, `source`, `kind`, `created` and
-/// `received_at` (UTC, microseconds), then one column per top-level field of `data`,
-/// typed (declared kind types first, else inferred; JSON nulls are nulls).
+/// A kind's frame has the columns `data_id`, `source`, `kind`, `created` and
+/// `received_at` (UTC, microseconds), then one column per field of `data`, typed by the
+/// kind's schema. An analysis' frame has its annotation's columns and `partition`, the
+/// upstream partition's key. An input with a lookback also has `in_partition`, false for
+/// the rows of the lookback span.
+#[derive(Clone, Default)]
+pub struct Inputs {
+    frames: BTreeMap<InputSource, DataFrame>,
+}
+
+impl Inputs {
+    pub fn new() -> Self {
+        Inputs::default()
+    }
+
+    pub fn insert(&mut self, source: InputSource, frame: DataFrame) {
+        self.frames.insert(source, frame);
+    }
+
+    /// The frame of `source`.
+    pub fn get(&self, source: &InputSource) -> PolarsResult<&DataFrame> {
+        self.frames.get(source).ok_or_else(|| {
+            PolarsError::ComputeError(format!("the analysis reads no input {source}").into())
+        })
+    }
+
+    /// The frame of the kind `kind`.
+    pub fn kind(&self, kind: &str) -> PolarsResult<DataFrame> {
+        self.get(&InputSource::Kind(kind.to_string())).cloned()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&InputSource, &DataFrame)> {
+        self.frames.iter()
+    }
+
+    pub fn into_frames(self) -> BTreeMap<InputSource, DataFrame> {
+        self.frames
+    }
+}
+
+/// A computation from one partition's inputs to an annotation.
 pub trait Analysis: Send + Sync + 'static {
-    fn name(&self) -> &str;
-    /// Changes whenever the computation changes; annotations of older versions are stale.
-    fn version(&self) -> i64;
-    /// The kind of records it reads.
-    fn kind(&self) -> &str;
-    fn partition(&self) -> Granularity;
-    fn description(&self) -> &str;
-    /// The SQL, for a SQL analysis.
-    fn sql(&self) -> Option<&str> {
-        None
-    }
+    /// Its name, partitioning, inputs and description. A built-in's `version` here is its
+    /// code's revision; the version its annotations carry is the deployment's (in the
+    /// catalog), which counts the revisions this deployment has run.
+    fn meta(&self) -> &AnalysisMeta;
+
     /// Compute the annotation of one partition. Runs on a blocking thread.
-    fn compute(&self, input: DataFrame) -> polars::error::PolarsResult<DataFrame>;
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct AnalysisInfo {
-    pub name: String,
-    pub version: i64,
-    pub kind: String,
-    pub partition: String,
-    pub description: String,
-    /// `builtin` (Rust) or `sql`.
-    pub language: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sql: Option<String>,
-    pub status: &'static str,
-}
-
-impl AnalysisInfo {
-    pub fn of(analysis: &dyn Analysis) -> Self {
-        AnalysisInfo {
-            name: analysis.name().to_string(),
-            version: analysis.version(),
-            kind: analysis.kind().to_string(),
-            partition: analysis.partition().as_str().to_string(),
-            description: analysis.description().to_string(),
-            language: if analysis.sql().is_some() {
-                "sql"
-            } else {
-                "builtin"
-            },
-            sql: analysis.sql().map(str::to_string),
-            status: "active",
-        }
-    }
+    fn compute(&self, inputs: Inputs) -> PolarsResult<DataFrame>;
 }

@@ -2,13 +2,14 @@
 //! `generation` (stations reporting `output_mw`) and `demand` (regions reporting
 //! `demand_mw`).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use polars::prelude::*;
 
 use scholia_events::Granularity;
+use scholia_events::analysis::{AnalysisMeta, Input, Language, Lookback};
 
-use crate::analysis::Analysis;
+use crate::analysis::{Analysis, Inputs};
 
 const HOUR_MICROS: i64 = 3_600_000_000;
 
@@ -20,27 +21,37 @@ pub fn all() -> Vec<Arc<dyn Analysis>> {
     ]
 }
 
+fn meta(name: &str, version: i64, inputs: Vec<Input>, description: &str) -> AnalysisMeta {
+    AnalysisMeta {
+        name: name.into(),
+        version,
+        partition: Granularity::Day,
+        inputs,
+        language: Language::Builtin,
+        sql: None,
+        description: description.into(),
+    }
+}
+
 /// Per source and day: mean, minimum and maximum output, and how many records.
 pub struct DailyAverage;
 
+static DAILY_AVERAGE: LazyLock<AnalysisMeta> = LazyLock::new(|| {
+    meta(
+        "daily_avg",
+        1,
+        vec![Input::kind("generation")],
+        "Per station and day: average, minimum and maximum output (MW), and the number of readings.",
+    )
+});
+
 impl Analysis for DailyAverage {
-    fn name(&self) -> &str {
-        "daily_avg"
+    fn meta(&self) -> &AnalysisMeta {
+        &DAILY_AVERAGE
     }
-    fn version(&self) -> i64 {
-        1
-    }
-    fn kind(&self) -> &str {
-        "generation"
-    }
-    fn partition(&self) -> Granularity {
-        Granularity::Day
-    }
-    fn description(&self) -> &str {
-        "Per station and day: average, minimum and maximum output (MW), and the number of readings."
-    }
-    fn compute(&self, input: DataFrame) -> PolarsResult<DataFrame> {
-        let input = ensure_float(input, "output_mw")?;
+
+    fn compute(&self, inputs: Inputs) -> PolarsResult<DataFrame> {
+        let input = ensure_float(inputs.kind("generation")?, "output_mw")?;
         input
             .lazy()
             .group_by([col("source")])
@@ -55,45 +66,71 @@ impl Analysis for DailyAverage {
     }
 }
 
-/// Per source and hour of the day: mean output and its three-hour moving average.
+/// Per source and hour of the day: mean output and its moving average over the last
+/// three hours, which reach into the day before at midnight (a two-hour lookback).
 pub struct HourlyMovingAverage;
 
+static HOURLY_MOVING_AVERAGE: LazyLock<AnalysisMeta> = LazyLock::new(|| {
+    meta(
+        "hourly_moving_avg",
+        2,
+        vec![Input {
+            lookback: Some(Lookback::parse("PT2H").expect("a valid lookback")),
+            ..Input::kind("generation")
+        }],
+        "Per station and hour: average output (MW) and its moving average over the last three hours (the two before included, across midnight).",
+    )
+});
+
 impl Analysis for HourlyMovingAverage {
-    fn name(&self) -> &str {
-        "hourly_moving_avg"
+    fn meta(&self) -> &AnalysisMeta {
+        &HOURLY_MOVING_AVERAGE
     }
-    fn version(&self) -> i64 {
-        1
-    }
-    fn kind(&self) -> &str {
-        "generation"
-    }
-    fn partition(&self) -> Granularity {
-        Granularity::Day
-    }
-    fn description(&self) -> &str {
-        "Per station and hour: average output (MW) and its moving average over the last three hours."
-    }
-    fn compute(&self, input: DataFrame) -> PolarsResult<DataFrame> {
-        let input = ensure_float(input, "output_mw")?;
+
+    fn compute(&self, inputs: Inputs) -> PolarsResult<DataFrame> {
+        let mut input = ensure_float(inputs.kind("generation")?, "output_mw")?;
+        if input.column("in_partition").is_err() {
+            let height = input.height();
+            input.with_column(
+                Series::new("in_partition".into(), vec![true; height]).into_column(),
+            )?;
+        }
         let hour = (col("created").cast(DataType::Int64) / lit(HOUR_MICROS)).cast(DataType::Int64)
             * lit(HOUR_MICROS);
-        input
+        let hourly = input
             .lazy()
             .with_column(hour.alias("hour_us"))
             .group_by([col("source"), col("hour_us")])
-            .agg([col("output_mw").mean().alias("avg_mw")])
-            .sort(["source", "hour_us"], SortMultipleOptions::default())
-            .with_column(
-                col("avg_mw")
-                    .rolling_mean(RollingOptionsFixedWindow {
-                        window_size: 3,
-                        min_periods: 1,
-                        ..Default::default()
-                    })
-                    .over([col("source")])?
-                    .alias("moving_avg_mw"),
+            .agg([
+                col("output_mw").mean().alias("avg_mw"),
+                col("in_partition").any(true).alias("in_partition"),
+            ]);
+        // Each hour against the hours of its source up to two before it (hours without
+        // readings are simply absent from the window).
+        let window = hourly.clone().select([
+            col("source"),
+            col("hour_us").alias("window_hour"),
+            col("avg_mw").alias("window_avg"),
+        ]);
+        hourly
+            .filter(col("in_partition"))
+            .join(
+                window,
+                [col("source")],
+                [col("source")],
+                JoinArgs::new(JoinType::Inner),
             )
+            .filter(
+                col("window_hour")
+                    .lt_eq(col("hour_us"))
+                    .and(col("window_hour").gt_eq(col("hour_us") - lit(2 * HOUR_MICROS))),
+            )
+            .group_by([col("source"), col("hour_us")])
+            .agg([
+                col("avg_mw").first().alias("avg_mw"),
+                col("window_avg").mean().alias("moving_avg_mw"),
+            ])
+            .sort(["source", "hour_us"], SortMultipleOptions::default())
             .with_column(
                 col("hour_us")
                     .cast(DataType::Datetime(TimeUnit::Microseconds, None))
@@ -113,24 +150,22 @@ impl Analysis for HourlyMovingAverage {
 /// when it is more than two standard deviations away.
 pub struct DemandAnomalies;
 
+static DEMAND_ANOMALIES: LazyLock<AnalysisMeta> = LazyLock::new(|| {
+    meta(
+        "demand_anomalies",
+        1,
+        vec![Input::kind("demand")],
+        "Per region and hour: average demand (MW), its z-score within the day, and an anomaly flag when |z| > 2.",
+    )
+});
+
 impl Analysis for DemandAnomalies {
-    fn name(&self) -> &str {
-        "demand_anomalies"
+    fn meta(&self) -> &AnalysisMeta {
+        &DEMAND_ANOMALIES
     }
-    fn version(&self) -> i64 {
-        1
-    }
-    fn kind(&self) -> &str {
-        "demand"
-    }
-    fn partition(&self) -> Granularity {
-        Granularity::Day
-    }
-    fn description(&self) -> &str {
-        "Per region and hour: average demand (MW), its z-score within the day, and an anomaly flag when |z| > 2."
-    }
-    fn compute(&self, input: DataFrame) -> PolarsResult<DataFrame> {
-        let input = ensure_float(input, "demand_mw")?;
+
+    fn compute(&self, inputs: Inputs) -> PolarsResult<DataFrame> {
+        let input = ensure_float(inputs.kind("demand")?, "demand_mw")?;
         let hour = (col("created").cast(DataType::Int64) / lit(HOUR_MICROS)).cast(DataType::Int64)
             * lit(HOUR_MICROS);
         let z = (col("demand_mw") - col("demand_mw").mean().over([col("source")])?)
@@ -188,29 +223,48 @@ fn ensure_float(mut input: DataFrame, column: &str) -> PolarsResult<DataFrame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use scholia_events::InputSource;
 
-    fn generation() -> DataFrame {
-        let hour = HOUR_MICROS;
-        DataFrame::new(
-            5,
-            vec![
-                Series::new("source".into(), ["s1", "s1", "s1", "s2", "s2"]).into_column(),
-                Series::new("created".into(), [0, hour, 2 * hour, 0, hour])
-                    .into_datetime(TimeUnit::Microseconds, None)
-                    .into_column(),
-                Series::new(
-                    "output_mw".into(),
-                    [Some(10.0), Some(20.0), Some(30.0), Some(1.0), None],
-                )
-                .into_column(),
-            ],
+    fn frame(
+        sources: &[&str],
+        hours: &[i64],
+        mw: &[Option<f64>],
+        in_partition: Option<&[bool]>,
+    ) -> DataFrame {
+        let mut columns = vec![
+            Series::new("source".into(), sources).into_column(),
+            Series::new(
+                "created".into(),
+                hours.iter().map(|h| h * HOUR_MICROS).collect::<Vec<_>>(),
+            )
+            .into_datetime(TimeUnit::Microseconds, None)
+            .into_column(),
+            Series::new("output_mw".into(), mw).into_column(),
+        ];
+        if let Some(flags) = in_partition {
+            columns.push(Series::new("in_partition".into(), flags).into_column());
+        }
+        DataFrame::new(sources.len(), columns).unwrap()
+    }
+
+    fn generation(frame: DataFrame) -> Inputs {
+        let mut inputs = Inputs::new();
+        inputs.insert(InputSource::Kind("generation".into()), frame);
+        inputs
+    }
+
+    fn sample() -> DataFrame {
+        frame(
+            &["s1", "s1", "s1", "s2", "s2"],
+            &[0, 1, 2, 0, 1],
+            &[Some(10.0), Some(20.0), Some(30.0), Some(1.0), None],
+            None,
         )
-        .unwrap()
     }
 
     #[test]
     fn daily_average_groups_by_source_and_skips_nulls() {
-        let out = DailyAverage.compute(generation()).unwrap();
+        let out = DailyAverage.compute(generation(sample())).unwrap();
         assert_eq!(out.height(), 2);
         let avg = out.column("avg_mw").unwrap().f64().unwrap();
         assert_eq!(avg.get(0), Some(20.0));
@@ -223,7 +277,7 @@ mod tests {
 
     #[test]
     fn the_moving_average_covers_the_last_three_hours_of_each_source() {
-        let out = HourlyMovingAverage.compute(generation()).unwrap();
+        let out = HourlyMovingAverage.compute(generation(sample())).unwrap();
         let moving = out.column("moving_avg_mw").unwrap().f64().unwrap();
         assert_eq!(moving.get(0), Some(10.0));
         assert_eq!(moving.get(1), Some(15.0));
@@ -231,18 +285,40 @@ mod tests {
     }
 
     #[test]
+    fn the_moving_average_reaches_into_the_lookback_but_reports_only_its_day() {
+        // Hours 22 and 23 of the day before, then 00 and 01.
+        let input = frame(
+            &["s", "s", "s", "s"],
+            &[22, 23, 24, 25],
+            &[Some(230.8), Some(243.8), Some(241.5), Some(250.0)],
+            Some(&[false, false, true, true]),
+        );
+        let out = HourlyMovingAverage.compute(generation(input)).unwrap();
+        assert_eq!(out.height(), 2, "only the partition's own hours: {out}");
+        let moving = out.column("moving_avg_mw").unwrap().f64().unwrap();
+        assert!((moving.get(0).unwrap() - 238.7).abs() < 1e-9, "{out}");
+        assert!((moving.get(1).unwrap() - (243.8 + 241.5 + 250.0) / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
     fn an_empty_partition_gives_no_rows() {
-        let empty = DataFrame::new(
-            0,
-            vec![
-                Series::new("source".into(), Vec::<String>::new()).into_column(),
-                Series::new("created".into(), Vec::<i64>::new())
-                    .into_datetime(TimeUnit::Microseconds, None)
-                    .into_column(),
-            ],
-        )
-        .unwrap();
-        assert_eq!(DailyAverage.compute(empty.clone()).unwrap().height(), 0);
-        assert_eq!(DemandAnomalies.compute(empty).unwrap().height(), 0);
+        let empty = frame(&[], &[], &[], None);
+        assert_eq!(
+            DailyAverage
+                .compute(generation(empty.clone()))
+                .unwrap()
+                .height(),
+            0
+        );
+        assert_eq!(
+            HourlyMovingAverage
+                .compute(generation(empty.clone()))
+                .unwrap()
+                .height(),
+            0
+        );
+        let mut demand = Inputs::new();
+        demand.insert(InputSource::Kind("demand".into()), empty);
+        assert_eq!(DemandAnomalies.compute(demand).unwrap().height(), 0);
     }
 }

@@ -1,191 +1,42 @@
-//! Loading one partition of records into a Polars `DataFrame`, column by column (never
-//! row by row through `AnyValue`).
+//! Loading one partition of a kind's records into a Polars `DataFrame`, column by
+//! column (never row by row through `AnyValue`). Columns follow the kind's schema: a field
+//! has its schema's type in every partition, present or not, so an analysis that names a
+//! field works on an empty partition too (it makes no rows of it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
+use chrono::DateTime;
 use polars::prelude::*;
 use serde_json::Value;
-use uuid::Uuid;
 
-use scholia_events::Database;
+use scholia_events::schema::{FieldType, KindSchema, column_name};
+use scholia_events::store::{RecordRow, RecordSink, Summary};
 
-use crate::Result;
-
-/// The envelope columns every input frame starts with.
+/// The envelope columns every kind's frame starts with.
 pub const ENVELOPE_COLUMNS: [&str; 5] = ["data_id", "source", "kind", "created", "received_at"];
 
-/// One partition's records, ready for an analysis.
+/// One partition's records (or a span of them), ready for an analysis.
 #[derive(Clone)]
 pub struct PartitionInput {
     pub frame: DataFrame,
-    pub rows: u64,
-    /// The highest log `seq` among the records (0 when there are none).
-    pub max_seq: i64,
+    /// What the frame holds: its rows and the highest `seq` among them (0 when empty).
+    pub summary: Summary,
 }
 
-/// A declared field type, as kinds declare them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Declared {
-    Float,
-    Int,
-    String,
-    Bool,
-    Timestamp,
-    Json,
-}
-
-impl Declared {
-    fn parse(s: &str) -> Option<Declared> {
-        Some(match s {
-            "float" => Declared::Float,
-            "int" => Declared::Int,
-            "string" => Declared::String,
-            "bool" => Declared::Bool,
-            "timestamp" => Declared::Timestamp,
-            "json" => Declared::Json,
-            _ => return None,
-        })
+/// The Polars type of a schema's field type.
+fn dtype_of(ty: Option<FieldType>) -> DataType {
+    match ty {
+        Some(FieldType::Int) => DataType::Int64,
+        Some(FieldType::String | FieldType::Json) => DataType::String,
+        Some(FieldType::Bool) => DataType::Boolean,
+        Some(FieldType::Timestamp) => DataType::Datetime(TimeUnit::Microseconds, None),
+        Some(FieldType::Float) | None => DataType::Float64,
     }
 }
 
-/// The declared field types of `kind`.
-pub async fn declared_fields(db: &Database, kind: &str) -> Result<BTreeMap<String, Declared>> {
-    let sql = "SELECT fields FROM kinds WHERE kind = $1";
-    let fields: Option<String> = match db {
-        Database::Postgres(pg) => {
-            sqlx::query_scalar(sql)
-                .bind(kind)
-                .fetch_optional(&pg.pool)
-                .await?
-        }
-        Database::Sqlite(d) => {
-            sqlx::query_scalar(sql)
-                .bind(kind)
-                .fetch_optional(&d.pool)
-                .await?
-        }
-    };
-    let map: BTreeMap<String, String> = fields
-        .and_then(|f| serde_json::from_str(&f).ok())
-        .unwrap_or_default();
-    Ok(map
-        .into_iter()
-        .filter_map(|(k, v)| Declared::parse(&v).map(|d| (k, d)))
-        .collect())
-}
-
-type PgRecordRow = (Uuid, String, DateTime<Utc>, DateTime<Utc>, i64, String);
-
-/// Load the records of `kind` created in `[from, to)`.
-pub async fn load(
-    db: &Database,
-    kind: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    declared: &BTreeMap<String, Declared>,
-) -> Result<PartitionInput> {
-    load_after(db, kind, from, to, declared, 0, 0).await
-}
-
-/// Load the records of `kind` created in `[from, to)` whose `seq` is above `after`,
-/// streaming rows into the columns as they arrive. `expected` rows (a hint) are reserved
-/// up front.
-pub async fn load_after(
-    db: &Database,
-    kind: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    declared: &BTreeMap<String, Declared>,
-    after: i64,
-    expected: usize,
-) -> Result<PartitionInput> {
-    let mut builder = FrameBuilder::new(kind, declared);
-    builder.reserve(expected);
-    match db {
-        Database::Postgres(pg) => {
-            let mut rows = sqlx::query_as::<_, PgRecordRow>(
-                "SELECT data_id, source, created, received_at, seq, data::text FROM records \
-                 WHERE kind = $1 AND created >= $2 AND created < $3 AND seq > $4 ORDER BY created, data_id",
-            )
-            .bind(kind)
-            .bind(from)
-            .bind(to)
-            .bind(after)
-            .fetch(&pg.pool);
-            while let Some((id, source, created, received, seq, data)) = rows.try_next().await? {
-                builder.push(
-                    id,
-                    source,
-                    created.timestamp_micros(),
-                    received.timestamp_micros(),
-                    seq,
-                    &data,
-                );
-            }
-        }
-        Database::Sqlite(d) => {
-            let mut rows = sqlx::query_as::<_, (Uuid, String, i64, i64, i64, String)>(
-                "SELECT data_id, source, created, received_at, seq, data FROM records \
-                 WHERE kind = $1 AND created >= $2 AND created < $3 AND seq > $4 ORDER BY created, data_id",
-            )
-            .bind(kind)
-            .bind(from.timestamp_micros())
-            .bind(to.timestamp_micros())
-            .bind(after)
-            .fetch(&d.pool);
-            while let Some((id, source, created, received, seq, data)) = rows.try_next().await? {
-                builder.push(id, source, created, received, seq, &data);
-            }
-        }
-    }
-    builder.finish()
-}
-
-/// An empty input frame with the columns a kind's records would have, for checking
-/// that a SQL analysis compiles. `sample` fields (from recent records) add inferred
-/// columns to the declared ones.
-pub fn empty_input(
-    kind: &str,
-    declared: &BTreeMap<String, Declared>,
-    sample: &[String],
-) -> Result<DataFrame> {
-    let mut builder = FrameBuilder::new(kind, declared);
-    for data in sample {
-        builder.push(Uuid::nil(), String::new(), 0, 0, 0, data);
-    }
-    let frame = builder.finish()?.frame;
-    Ok(frame.head(Some(0)))
-}
-
-/// An empty input frame shaped like the kind's records: its declared fields and the
-/// fields of its most recent records. Used to check that a SQL analysis compiles, and
-/// as the input of a partition that has no records, so that an analysis naming the
-/// kind's fields makes no rows of it rather than failing.
-pub async fn empty_for_kind(
-    db: &Database,
-    kind: &str,
-    declared: &BTreeMap<String, Declared>,
-) -> Result<DataFrame> {
-    let sample: Vec<String> =
-        match db {
-            Database::Postgres(pg) => sqlx::query_scalar(
-                "SELECT data::text FROM records WHERE kind = $1 ORDER BY created DESC LIMIT 200",
-            )
-            .bind(kind)
-            .fetch_all(&pg.pool)
-            .await?,
-            Database::Sqlite(d) => {
-                sqlx::query_scalar(
-                    "SELECT data FROM records WHERE kind = $1 ORDER BY created DESC LIMIT 200",
-                )
-                .bind(kind)
-                .fetch_all(&d.pool)
-                .await?
-            }
-        };
-    empty_input(kind, declared, &sample)
+/// An empty frame with the columns the kind's records have.
+pub fn empty(kind: &str, schema: &KindSchema) -> PolarsResult<DataFrame> {
+    Ok(FrameBuilder::new(kind, schema).finish()?.frame)
 }
 
 /// Column builders that start untyped and widen as values arrive: int → float, and
@@ -201,7 +52,7 @@ enum Col {
 
 struct Field {
     col: Col,
-    declared: Option<Declared>,
+    declared: Option<FieldType>,
     /// Rows seen before this field first appeared, and since then through `len`.
     len: usize,
 }
@@ -227,11 +78,11 @@ impl Field {
             self.pad_to(n + 1);
             return;
         }
-        let text_only = matches!(self.declared, Some(Declared::String | Declared::Json));
+        let text_only = matches!(self.declared, Some(FieldType::String | FieldType::Json));
         match value {
             _ if text_only => self.as_str(n).push(Some(text_of(value))),
             Value::Number(x) => {
-                let integral = x.as_i64().is_some() && self.declared != Some(Declared::Float);
+                let integral = x.as_i64().is_some() && self.declared != Some(FieldType::Float);
                 match self.col {
                     Col::Null | Col::Int(_) if integral => self.as_int(n).push(x.as_i64()),
                     Col::Null | Col::Int(_) | Col::Float(_) => self.as_float(n).push(x.as_f64()),
@@ -242,7 +93,7 @@ impl Field {
                 Col::Null | Col::Bool(_) => self.as_bool(n).push(Some(*b)),
                 _ => self.as_str(n).push(Some(b.to_string())),
             },
-            Value::String(s) if self.declared == Some(Declared::Timestamp) => match self.col {
+            Value::String(s) if self.declared == Some(FieldType::Timestamp) => match self.col {
                 Col::Null | Col::Time(_) => {
                     let t = DateTime::parse_from_rfc3339(s)
                         .ok()
@@ -325,7 +176,7 @@ impl Field {
         self.pad_to(len);
         let name = PlSmallStr::from(name);
         match self.col {
-            Col::Null => Series::full_null(name, len, &DataType::Float64).into_column(),
+            Col::Null => Series::full_null(name, len, &dtype_of(self.declared)).into_column(),
             Col::Bool(v) => Series::new(name, v).into_column(),
             Col::Int(v) => Series::new(name, v).into_column(),
             Col::Float(v) => Series::new(name, v).into_column(),
@@ -344,87 +195,62 @@ fn text_of(value: &Value) -> String {
     }
 }
 
-struct FrameBuilder<'a> {
-    kind: &'a str,
-    declared: &'a BTreeMap<String, Declared>,
+/// Builds a kind's frame from scanned rows.
+pub struct FrameBuilder {
+    kind: String,
     ids: Vec<String>,
     sources: Vec<String>,
     created: Vec<i64>,
     received: Vec<i64>,
     max_seq: i64,
+    /// By column name.
     fields: HashMap<String, Field>,
+    /// Field name → column name, for the fields seen.
+    columns: HashMap<String, String>,
+    schema: KindSchema,
 }
 
-impl<'a> FrameBuilder<'a> {
-    fn new(kind: &'a str, declared: &'a BTreeMap<String, Declared>) -> Self {
-        let fields = declared
-            .iter()
-            .map(|(name, d)| {
-                (
-                    column_name(name),
-                    Field {
-                        col: Col::Null,
-                        declared: Some(*d),
-                        len: 0,
-                    },
-                )
-            })
-            .collect();
-        FrameBuilder {
-            kind,
-            declared,
+impl FrameBuilder {
+    pub fn new(kind: &str, schema: &KindSchema) -> Self {
+        let mut builder = FrameBuilder {
+            kind: kind.to_string(),
             ids: Vec::new(),
             sources: Vec::new(),
             created: Vec::new(),
             received: Vec::new(),
             max_seq: 0,
-            fields,
+            fields: HashMap::new(),
+            columns: HashMap::new(),
+            schema: schema.clone(),
+        };
+        for (name, spec) in &schema.fields {
+            let column = column_name(name);
+            builder.columns.insert(name.clone(), column.clone());
+            builder.fields.insert(
+                column,
+                Field {
+                    col: Col::Null,
+                    declared: Some(spec.ty),
+                    len: 0,
+                },
+            );
         }
+        builder
     }
 
-    fn reserve(&mut self, rows: usize) {
+    pub fn reserve(&mut self, rows: usize) {
         self.ids.reserve(rows);
         self.sources.reserve(rows);
         self.created.reserve(rows);
         self.received.reserve(rows);
     }
 
-    fn push(
-        &mut self,
-        id: Uuid,
-        source: String,
-        created: i64,
-        received: i64,
-        seq: i64,
-        data: &str,
-    ) {
-        let row = self.ids.len();
-        self.ids.push(id.to_string());
-        self.sources.push(source);
-        self.created.push(created);
-        self.received.push(received);
-        self.max_seq = self.max_seq.max(seq);
-        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(data) {
-            for (key, value) in map {
-                let name = column_name(&key);
-                let declared = self.declared.get(&key).copied();
-                let field = self.fields.entry(name).or_insert_with(|| Field {
-                    col: Col::Null,
-                    declared,
-                    len: 0,
-                });
-                field.pad_to(row);
-                field.push(&value);
-            }
-        }
-    }
-
-    fn finish(self) -> Result<PartitionInput> {
+    pub fn finish(self) -> PolarsResult<PartitionInput> {
         let len = self.ids.len();
         let mut columns = vec![
             Series::new("data_id".into(), self.ids).into_column(),
             Series::new("source".into(), self.sources).into_column(),
-            Series::new("kind".into(), vec![self.kind.to_string(); len]).into_column(),
+            Series::new("kind".into(), vec![self.kind.clone(); len]).into_column(),
             Series::new("created".into(), self.created)
                 .into_datetime(TimeUnit::Microseconds, None)
                 .into_column(),
@@ -440,38 +266,83 @@ impl<'a> FrameBuilder<'a> {
         let frame = DataFrame::new(len, columns)?;
         Ok(PartitionInput {
             frame,
-            rows: len as u64,
-            max_seq: self.max_seq,
+            summary: Summary {
+                rows: len as i64,
+                max_seq: self.max_seq,
+            },
         })
     }
 }
 
-/// A data field's column name; fields that collide with envelope columns get `data_`.
-fn column_name(field: &str) -> String {
-    if ENVELOPE_COLUMNS.contains(&field) {
-        format!("data_{field}")
-    } else {
-        field.to_string()
+impl RecordSink for FrameBuilder {
+    fn push(&mut self, row: RecordRow<'_>) {
+        let index = self.ids.len();
+        self.ids.push(row.data_id.to_string());
+        self.sources.push(row.source.to_string());
+        self.created.push(row.created);
+        self.received.push(row.received_at);
+        self.max_seq = self.max_seq.max(row.seq);
+        let Ok(Value::Object(map)) = serde_json::from_str::<Value>(row.data) else {
+            return;
+        };
+        for (key, value) in map {
+            let column = match self.columns.get(&key) {
+                Some(column) => column.clone(),
+                None => {
+                    let column = column_name(&key);
+                    self.columns.insert(key.clone(), column.clone());
+                    column
+                }
+            };
+            let declared = self.schema.fields.get(&key).map(|spec| spec.ty);
+            let field = self.fields.entry(column).or_insert_with(|| Field {
+                col: Col::Null,
+                declared,
+                len: 0,
+            });
+            field.pad_to(index);
+            field.push(&value);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use scholia_events::schema::FieldSpec;
+    use uuid::Uuid;
 
-    fn build(rows: &[&str], declared: &BTreeMap<String, Declared>) -> DataFrame {
-        let mut b = FrameBuilder::new("k", declared);
+    fn build(rows: &[&str], schema: &KindSchema) -> DataFrame {
+        let mut b = FrameBuilder::new("k", schema);
         for (i, data) in rows.iter().enumerate() {
-            b.push(
-                Uuid::now_v7(),
-                format!("s{i}"),
-                i as i64 * 1_000_000,
-                0,
-                i as i64 + 1,
+            let source = format!("s{i}");
+            b.push(RecordRow {
+                data_id: Uuid::now_v7(),
+                source: &source,
+                created: i as i64 * 1_000_000,
+                received_at: 0,
+                seq: i as i64 + 1,
                 data,
-            );
+            });
         }
         b.finish().unwrap().frame
+    }
+
+    fn schema(fields: &[(&str, FieldType)]) -> KindSchema {
+        KindSchema {
+            fields: fields
+                .iter()
+                .map(|(n, ty)| {
+                    (
+                        n.to_string(),
+                        FieldSpec {
+                            ty: *ty,
+                            declared: false,
+                        },
+                    )
+                })
+                .collect(),
+        }
     }
 
     #[test]
@@ -482,7 +353,7 @@ mod tests {
                 r#"{"mw": 2.5}"#,
                 r#"{"mw": null, "note": "x"}"#,
             ],
-            &BTreeMap::new(),
+            &KindSchema::default(),
         );
         assert_eq!(df.height(), 3);
         let mw = df.column("mw").unwrap();
@@ -501,7 +372,7 @@ mod tests {
     fn mixed_values_make_a_text_column() {
         let df = build(
             &[r#"{"v": 1}"#, r#"{"v": "one"}"#, r#"{"v": {"a": 1}}"#],
-            &BTreeMap::new(),
+            &KindSchema::default(),
         );
         let v = df.column("v").unwrap();
         assert_eq!(v.dtype(), &DataType::String);
@@ -510,20 +381,29 @@ mod tests {
     }
 
     #[test]
-    fn declared_types_win_over_inference() {
-        let declared: BTreeMap<String, Declared> = [("mw".to_string(), Declared::Float)].into();
-        let df = build(&[r#"{"mw": 1}"#, r#"{"mw": 2}"#], &declared);
+    fn the_schema_types_every_partition_alike_even_an_empty_one() {
+        let schema = schema(&[("mw", FieldType::Float), ("n", FieldType::Int)]);
+        let df = build(&[r#"{"mw": 1}"#, r#"{"mw": 2}"#], &schema);
         assert_eq!(df.column("mw").unwrap().dtype(), &DataType::Float64);
-        let empty = build(&[], &declared);
+        let empty = empty("k", &schema).unwrap();
+        assert_eq!(empty.height(), 0);
         assert_eq!(empty.column("mw").unwrap().dtype(), &DataType::Float64);
+        assert_eq!(empty.column("n").unwrap().dtype(), &DataType::Int64);
     }
 
     #[test]
-    fn a_field_named_like_an_envelope_column_is_prefixed() {
-        let df = build(&[r#"{"source": "inner"}"#], &BTreeMap::new());
+    fn a_field_named_like_an_envelope_column_is_prefixed_and_never_collides() {
+        let df = build(
+            &[r#"{"source": "inner", "data_source": "other"}"#],
+            &KindSchema::default(),
+        );
         assert_eq!(
             df.column("data_source").unwrap().str().unwrap().get(0),
             Some("inner")
+        );
+        assert_eq!(
+            df.column("data_data_source").unwrap().str().unwrap().get(0),
+            Some("other")
         );
         assert_eq!(
             df.column("source").unwrap().str().unwrap().get(0),

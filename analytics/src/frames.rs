@@ -1,33 +1,30 @@
-//! Partitions' input frames, kept in memory and reused while their records are unchanged.
+//! Kinds' frames, kept in memory and reused while their records are unchanged.
 //!
 //! Rewinding history reruns analyses over records that do not change: they are
-//! immutable, and a partition only ever gains records. Each worker process therefore
-//! keeps the columnar frames it loaded (bounded by size), and before reusing one it asks
-//! the partition's per-hour summary (`record_hours`, written by ingest in the records'
-//! own transaction) whether anything arrived since. One indexed lookup replaces reading
-//! and parsing every row again. When records did arrive (late data into a built day),
-//! only the hours that gained records are read, only their new rows, and appended.
+//! immutable, and a span only ever gains records. Each worker process therefore keeps
+//! the columnar frames it loaded (bounded by size), each with the summary of what it
+//! holds: its rows and their highest `seq`. Before reusing one it asks the span's
+//! per-hour summary (`record_hours`, written by ingest in the records' own transaction)
+//! whether anything arrived since: equal summaries mean equal records. When records did
+//! arrive (late data into a built day), only those with a `seq` above the frame's highest
+//! are read, in one statement, and appended.
+//!
+//! Exact because commits happen in `seq` order (under the log lock): a load saw every
+//! record of its span up to the highest `seq` it holds and none above it, so "above the
+//! frame's highest `seq`" is exactly what the frame lacks, and a batch is wholly in an
+//! extension or wholly out of it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
-use polars::prelude::SortMultipleOptions;
+use polars::prelude::{Column, DataType, SortMultipleOptions};
 
-use scholia_events::{Database, Granularity, PartitionKey};
+use scholia_events::schema::{FieldType, KindSchema, column_name};
+use scholia_events::store::{Records, Summary};
 
-use crate::Result;
-use crate::frame::{self, Declared, PartitionInput};
-use crate::queue::on_db;
-
-/// What `record_hours` says of a range: records and the highest seq among them. Both only
-/// grow, so an unchanged summary means unchanged records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Summary {
-    pub rows: i64,
-    pub max_seq: i64,
-}
+use crate::frame::{self, ENVELOPE_COLUMNS, FrameBuilder, PartitionInput};
+use crate::{Result, frame_error};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -37,16 +34,15 @@ struct Key {
 }
 
 struct Entry {
-    /// The summary read before the frame was loaded.
-    summary: Summary,
-    declared: BTreeMap<String, Declared>,
+    /// The schema the frame was built with; another one means another frame.
+    schema: KindSchema,
     input: PartitionInput,
 }
 
 /// Where a load came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// Reused from memory: the partition's records had not changed.
+    /// Reused from memory: the span's records had not changed.
     Memory,
     /// Reused, with the records that arrived since read from the database and appended.
     Extended,
@@ -54,8 +50,15 @@ pub enum Source {
     Database,
 }
 
-/// Beyond this many hours with new records, reading the whole partition is simpler.
-const MAX_EXTEND_HOURS: usize = 6;
+impl Source {
+    pub fn metric(self) -> &'static str {
+        match self {
+            Source::Memory => "scholia_build_frames_reused_total",
+            Source::Extended => "scholia_build_frames_extended_total",
+            Source::Database => "scholia_build_frames_loaded_total",
+        }
+    }
+}
 
 /// The frame cache of one process.
 #[derive(Clone)]
@@ -75,149 +78,150 @@ impl FrameCache {
         FrameCache { frames }
     }
 
-    /// The records of `kind` created in `[from, to)`, from memory when they are unchanged.
+    /// The records of `kind` created in the whole hours `[from, to)`, from memory when
+    /// they are unchanged.
     pub async fn load(
         &self,
-        db: &Database,
+        records: &dyn Records,
         kind: &str,
+        schema: &KindSchema,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-        declared: &BTreeMap<String, Declared>,
     ) -> Result<(PartitionInput, Source)> {
-        // Read the summary first: a batch committing during the load below changes the
-        // summary, so the entry can only ever be reused while it is exact.
-        let summary = summary(db, kind, from, to).await?;
         let key = Key {
             kind: kind.to_string(),
             from,
             to,
         };
-        let cached = self
-            .frames
-            .get(&key)
-            .await
-            .filter(|entry| entry.declared == *declared);
-        if let Some(entry) = &cached
-            && entry.summary == summary
-        {
-            return Ok((entry.input.clone(), Source::Memory));
+        let now = records.summary(kind, from, to).await?;
+        let cached = match self.frames.get(&key).await {
+            Some(entry) if entry.schema == *schema => Some(entry),
+            // The kind's schema grew (records elsewhere brought a field): an unchanged
+            // frame gets the new columns, null; one whose span gained records is read again.
+            Some(entry) if entry.input.summary == now => conform(&entry, schema)?.map(Arc::new),
+            _ => None,
+        };
+        if let Some(entry) = &cached {
+            if entry.input.summary == now {
+                return Ok((entry.input.clone(), Source::Memory));
+            }
+            if let Some(input) = extend(records, entry, kind, from, to).await? {
+                self.keep(key, schema, &input).await;
+                return Ok((input, Source::Extended));
+            }
         }
-        if let Some(entry) = cached
-            && let Some(input) = extend(db, &entry, kind, from, to, declared).await?
-        {
-            let entry = Entry {
-                summary,
-                declared: declared.clone(),
-                input: input.clone(),
-            };
-            self.frames.insert(key, Arc::new(entry)).await;
-            return Ok((input, Source::Extended));
-        }
-        let expected = usize::try_from(summary.rows).unwrap_or(0);
-        let input = frame::load_after(db, kind, from, to, declared, 0, expected).await?;
-        if input.rows > 0 {
-            let entry = Entry {
-                summary,
-                declared: declared.clone(),
-                input: input.clone(),
-            };
-            self.frames.insert(key, Arc::new(entry)).await;
-        }
+        let mut builder = FrameBuilder::new(kind, schema);
+        builder.reserve(usize::try_from(now.rows).unwrap_or(0));
+        records.scan(kind, from, to, 0, &mut builder).await?;
+        let input = builder.finish().map_err(frame_error)?;
+        self.keep(key, schema, &input).await;
         Ok((input, Source::Database))
+    }
+
+    async fn keep(&self, key: Key, schema: &KindSchema, input: &PartitionInput) {
+        if input.summary.rows > 0 {
+            let entry = Entry {
+                schema: schema.clone(),
+                input: input.clone(),
+            };
+            self.frames.insert(key, Arc::new(entry)).await;
+        }
     }
 }
 
+/// A cached frame brought to a newer schema of its kind, when the newer one only adds
+/// fields (null in every row the frame holds) or widens ints to floats: schemas only grow,
+/// so that is the usual case, and it costs no read.
+fn conform(entry: &Entry, schema: &KindSchema) -> Result<Option<Entry>> {
+    let mut frame = entry.input.frame.clone();
+    for (name, spec) in &schema.fields {
+        let column = column_name(name);
+        match (entry.schema.fields.get(name), frame.column(&column)) {
+            (Some(old), _) if old.ty == spec.ty => {}
+            (Some(old), Ok(existing))
+                if old.ty == FieldType::Int && spec.ty == FieldType::Float =>
+            {
+                let widened = existing.cast(&DataType::Float64).map_err(frame_error)?;
+                frame.with_column(widened).map_err(frame_error)?;
+            }
+            (None, Err(_)) => {
+                let empty = frame::empty(
+                    "",
+                    &KindSchema {
+                        fields: [(name.clone(), spec.clone())].into(),
+                    },
+                )
+                .map_err(frame_error)?;
+                let dtype = empty.column(&column).map_err(frame_error)?.dtype().clone();
+                let nulls = Column::full_null(column.into(), frame.height(), &dtype);
+                frame.with_column(nulls).map_err(frame_error)?;
+            }
+            _ => return Ok(None),
+        }
+    }
+    if entry
+        .schema
+        .fields
+        .keys()
+        .any(|name| !schema.fields.contains_key(name))
+    {
+        return Ok(None);
+    }
+    // Envelope columns first, then fields by name, as a load makes them.
+    let mut order: Vec<String> = frame
+        .get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .filter(|c| !ENVELOPE_COLUMNS.contains(&c.as_str()))
+        .collect();
+    order.sort();
+    let order: Vec<String> = ENVELOPE_COLUMNS
+        .iter()
+        .map(|c| c.to_string())
+        .chain(order)
+        .collect();
+    let frame = frame.select(order).map_err(frame_error)?;
+    Ok(Some(Entry {
+        schema: schema.clone(),
+        input: PartitionInput {
+            frame,
+            summary: entry.input.summary,
+        },
+    }))
+}
+
 /// The cached frame with the records that arrived since it was loaded, or `None` when
-/// reading the whole partition again is the better (or only) way.
-///
-/// Commits are in `seq` order (under the log lock), so what a load saw of a partition is
-/// exactly its records up to some `seq`: those above the frame's highest are the new ones.
+/// they bring new fields or widen a column (reading the whole span is simpler then).
 async fn extend(
-    db: &Database,
+    records: &dyn Records,
     entry: &Entry,
     kind: &str,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-    declared: &BTreeMap<String, Declared>,
 ) -> Result<Option<PartitionInput>> {
-    let after = entry.input.max_seq;
-    let hours = changed_hours(db, kind, from, to, after).await?;
-    if hours.is_empty() {
-        // The summary moved, but only by records the frame's load already saw (they
-        // committed between reading the summary and the load).
-        return Ok(Some(entry.input.clone()));
+    let after = entry.input.summary.max_seq;
+    let mut builder = FrameBuilder::new(kind, &entry.schema);
+    records.scan(kind, from, to, after, &mut builder).await?;
+    let new = builder.finish().map_err(frame_error)?;
+    let mut input = entry.input.clone();
+    if new.summary.rows == 0 {
+        return Ok(Some(input));
     }
-    if hours.len() > MAX_EXTEND_HOURS {
+    if new.frame.schema() != input.frame.schema() {
         return Ok(None);
     }
-    let mut input = entry.input.clone();
-    for hour in hours {
-        let (start, end) = (hour.start.max(from), hour.end().min(to));
-        let new = frame::load_after(db, kind, start, end, declared, after, 0).await?;
-        if new.rows == 0 {
-            continue;
-        }
-        // New fields, or values that widen a column's type: read the whole partition.
-        if new.frame.schema() != input.frame.schema() {
-            return Ok(None);
-        }
-        input.frame.vstack_mut(&new.frame)?;
-        input.rows += new.rows;
-        input.max_seq = input.max_seq.max(new.max_seq);
-    }
+    input.frame.vstack_mut(&new.frame).map_err(frame_error)?;
     // In the order a full load gives.
-    input.frame = input.frame.sort(
-        ["created", "data_id"],
-        SortMultipleOptions::default().with_maintain_order(true),
-    )?;
+    input.frame = input
+        .frame
+        .sort(
+            ["created", "data_id"],
+            SortMultipleOptions::default().with_maintain_order(true),
+        )
+        .map_err(frame_error)?;
+    input.summary = Summary {
+        rows: input.summary.rows + new.summary.rows,
+        max_seq: input.summary.max_seq.max(new.summary.max_seq),
+    };
     Ok(Some(input))
-}
-
-/// The hours of `[from, to)` that gained records of `kind` with a `seq` above `after`.
-async fn changed_hours(
-    db: &Database,
-    kind: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    after: i64,
-) -> Result<Vec<PartitionKey>> {
-    let (first, last) = hour_bounds(from, to);
-    let sql = "SELECT hour FROM record_hours \
-               WHERE kind = $1 AND hour >= $2 AND hour <= $3 AND max_seq > $4 ORDER BY hour";
-    let hours: Vec<String> = on_db!(db, |p| sqlx::query_scalar(sql)
-        .bind(kind)
-        .bind(&first)
-        .bind(&last)
-        .bind(after)
-        .fetch_all(p)
-        .await?);
-    Ok(hours
-        .iter()
-        .filter_map(|h| PartitionKey::parse(h).ok())
-        .collect())
-}
-
-/// The first and last hour keys (`2024-05-05T13`) of `[from, to)`.
-fn hour_bounds(from: DateTime<Utc>, to: DateTime<Utc>) -> (String, String) {
-    let hour = |t: DateTime<Utc>| Granularity::Hour.partition_of(t).to_string();
-    (hour(from), hour(to - chrono::Duration::microseconds(1)))
-}
-
-/// The summary of `kind`'s records created in `[from, to)` (whole hours).
-pub async fn summary(
-    db: &Database,
-    kind: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-) -> Result<Summary> {
-    let (first, last) = hour_bounds(from, to);
-    let sql = "SELECT CAST(COALESCE(SUM(rows), 0) AS BIGINT), CAST(COALESCE(MAX(max_seq), 0) AS BIGINT) \
-               FROM record_hours WHERE kind = $1 AND hour >= $2 AND hour <= $3";
-    let (rows, max_seq): (i64, i64) = on_db!(db, |p| sqlx::query_as(sql)
-        .bind(kind)
-        .bind(&first)
-        .bind(&last)
-        .fetch_one(p)
-        .await?);
-    Ok(Summary { rows, max_seq })
 }

@@ -1,15 +1,13 @@
 //! Analyses and the machinery that keeps their annotations current.
 //!
-//! - [`Analysis`]: a computation from one partition of records (a Polars `DataFrame`)
-//!   to an annotation (another `DataFrame`), written in Rust ([`builtin`]) or as SQL
-//!   registered at run time ([`sql::SqlAnalysis`]).
-//! - [`Registry`]: the analyses this deployment knows, with their versions, kept in SQL.
-//! - [`queue`]: the build queue in SQL (`partition_state`): requests coalesce per
-//!   partition, a claim is a lease, and the commit of a build settles exactly the
-//!   requests it started from.
-//! - [`Workers`]: build loops woken by `analysis.requested` on the bus (a shared work
-//!   group), the planner that turns new source data into rebuilds of stale partitions,
-//!   and the scheduler of preemptive rebuilds.
+//! - [`Analysis`]: a computation from one partition's inputs (Polars `DataFrame`s, one per
+//!   input: kinds' records, other analyses' annotations) to an annotation, written in
+//!   Rust ([`builtin`]) or as SQL registered at run time ([`sql::SqlAnalysis`]).
+//! - [`Registry`]: turns definitions into computations, and checks and versions new ones.
+//! - [`Workers`]: build loops over the build queue in SQL; the planner that turns new
+//!   data and new upstream generations into rebuilds; the reconciler that does the same
+//!   from SQL alone; the scheduler of preemptive rebuilds.
+//! - [`router`]: the endpoints of analyses, invalidations and schedules.
 //!
 //! Concurrency model: async tasks for I/O; every Polars computation runs on a blocking
 //! thread. At most `concurrency` builds run per process; across processes the SQL lease
@@ -19,49 +17,26 @@ pub mod analysis;
 pub mod builtin;
 pub mod frame;
 pub mod frames;
+mod inputs;
 pub mod invalidation;
-pub mod queue;
+mod planner;
 pub mod registry;
+mod routes;
 pub mod rows;
 pub mod schedule;
 pub mod sql;
 mod worker;
-pub use worker::follow_registrations;
 
-pub use analysis::{Analysis, AnalysisInfo};
+pub use analysis::{Analysis, Inputs};
 pub use registry::Registry;
-pub use worker::Workers;
+pub use routes::{AnalyticsState, router};
+pub use worker::{WorkerSettings, Workers};
 
-/// Errors of analyses and their machinery.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Events(#[from] scholia_events::Error),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("no analysis is named {0:?}")]
-    UnknownAnalysis(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("the analysis failed: {0}")]
-    Compute(String),
-}
+/// Errors of analytics are the shared layer's, classified where they are raised.
+pub use scholia_events::{Error, Result};
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl From<sqlx::Error> for Error {
-    fn from(source: sqlx::Error) -> Self {
-        Error::Events(scholia_events::Error::Database {
-            context: "running an analytics query",
-            source,
-        })
-    }
-}
-
-impl From<polars::error::PolarsError> for Error {
-    fn from(error: polars::error::PolarsError) -> Self {
-        Error::Compute(error.to_string())
-    }
+/// A Polars failure while building frames (not while running an analysis, whose errors
+/// are its own).
+pub(crate) fn frame_error(error: polars::error::PolarsError) -> Error {
+    Error::internal("building a frame", error)
 }

@@ -1,32 +1,38 @@
-//! The analyses a deployment knows: the built-in ones and the SQL ones registered at run
-//! time, with their versions, kept in the `analyses` table (one row per analysis: adding
-//! one never changes the schema).
+//! The analyses a deployment knows, as computations: the built-in ones and the SQL ones
+//! registered at run time. Definitions live in SQL (one row per analysis, so adding one
+//! never changes the schema) and every component sees them through the cache's
+//! [`Catalog`]; this registry turns a definition into something that runs, checks new
+//! ones (compiles, inputs exist, no cycle) and versions them: a changed definition, or a
+//! changed upstream, gets the next version.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
-use chrono::Utc;
+use polars::prelude::*;
+use serde::Deserialize;
 
-use scholia_events::{Database, EventBody, Granularity, NewEvent, log};
+use scholia_annotation_cache::Catalog;
+use scholia_events::analysis::{AnalysisMeta, Input, InputSource, Language};
+use scholia_events::{Error, Granularity, Result, Store};
 
-use crate::analysis::{Analysis, AnalysisInfo};
+use crate::analysis::{Analysis, Inputs};
+use crate::builtin;
 use crate::frame;
-use crate::sql::{self, SqlAnalysis};
-use crate::{Error, Result, builtin};
+use crate::sql::{self, SqlAnalysis, check_statement, fingerprint};
 
-#[derive(Clone)]
-pub struct Registry {
-    db: Database,
-    analyses: Arc<RwLock<HashMap<String, Arc<dyn Analysis>>>>,
-}
+/// How deep the analysis graph may go.
+pub const MAX_DEPTH: usize = 16;
 
-/// A SQL analysis as an admin submits it.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// A SQL analysis as an admin submits it: one kind (`kind`), or several inputs.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlDefinition {
-    pub kind: String,
-    #[serde(default = "default_partition")]
-    pub partition: String,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub inputs: Option<Vec<Input>>,
+    #[serde(default)]
+    pub partition: Option<Granularity>,
     pub sql: String,
     #[serde(default)]
     pub description: String,
@@ -35,252 +41,418 @@ pub struct SqlDefinition {
     pub name: Option<String>,
 }
 
-fn default_partition() -> String {
-    "1d".into()
+/// SQL analyses by (name, version).
+type Compiled = Arc<Mutex<HashMap<(String, i64), Arc<dyn Analysis>>>>;
+
+#[derive(Clone)]
+pub struct Registry {
+    store: Store,
+    catalog: Catalog,
+    sql: Compiled,
+    builtins: Arc<BTreeMap<String, Arc<dyn Analysis>>>,
 }
 
-type AnalysisRow = (String, i64, String, String, Option<String>, String, String);
+/// What registering did.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub meta: AnalysisMeta,
+    /// False when the definition was already this one.
+    pub changed: bool,
+    pub created: bool,
+}
 
 impl Registry {
-    /// Record the built-in analyses (a new built-in version replaces the old one) and
-    /// load every analysis.
-    pub async fn load(db: Database) -> Result<Registry> {
+    /// Record the built-in analyses (a new built-in version replaces the old one).
+    pub async fn load(store: Store, catalog: Catalog) -> Result<Registry> {
+        let builtins: BTreeMap<String, Arc<dyn Analysis>> = builtin::all()
+            .into_iter()
+            .map(|a| (a.meta().name.clone(), a))
+            .collect();
         let registry = Registry {
-            db,
-            analyses: Arc::default(),
+            store,
+            catalog,
+            sql: Arc::default(),
+            builtins: Arc::new(builtins),
         };
-        for analysis in builtin::all() {
-            let fingerprint = format!("builtin:{}", analysis.version());
-            let stored = registry.row(analysis.name()).await?;
-            if stored.as_ref().map(|r| r.6.as_str()) != Some(fingerprint.as_str()) {
-                registry
-                    .store(&*analysis, &fingerprint, "scholia (built-in)")
-                    .await?;
-            }
+        // A built-in's version counts the changes of its code in this deployment, as a SQL
+        // analysis' counts the changes of its definition: the code's own revision only
+        // decides whether it changed.
+        let stored: HashMap<String, (i64, String)> = registry
+            .store
+            .analyses
+            .list()
+            .await?
+            .into_iter()
+            .map(|r| (r.meta.name, (r.meta.version, r.fingerprint)))
+            .collect();
+        let mut changed = Vec::new();
+        for analysis in registry.builtins.values() {
+            let mut meta = analysis.meta().clone();
+            let print = format!("builtin:{}", meta.version);
+            meta.version = match stored.get(&meta.name) {
+                Some((_, fp)) if *fp == print => continue,
+                Some((version, _)) => version + 1,
+                None => 1,
+            };
+            changed.push((meta, print));
         }
-        registry.refresh().await?;
+        if !changed.is_empty() {
+            registry
+                .store
+                .analyses
+                .put(changed, "scholia (built-in)")
+                .await?;
+        }
+        registry.catalog.refresh().await?;
         Ok(registry)
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<dyn Analysis>> {
-        self.analyses
-            .read()
-            .expect("registry lock")
-            .get(name)
-            .cloned()
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
-    /// The analysis named `name`, reloading from SQL once if this process does not know
-    /// it (another process may have registered it).
-    pub async fn find(&self, name: &str) -> Result<Arc<dyn Analysis>> {
-        if let Some(analysis) = self.get(name) {
-            return Ok(analysis);
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The computation of `meta`'s version.
+    pub fn analysis(&self, meta: &AnalysisMeta) -> Result<Arc<dyn Analysis>> {
+        match meta.language {
+            Language::Builtin => self.builtins.get(&meta.name).cloned().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{:?} is a built-in analysis this version of Scholia does not have",
+                    meta.name
+                ))
+            }),
+            Language::Sql => {
+                let key = (meta.name.clone(), meta.version);
+                let mut sql = self.sql.lock().expect("registry lock");
+                Ok(sql
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(SqlAnalysis { meta: meta.clone() }))
+                    .clone())
+            }
         }
-        self.refresh().await?;
-        self.get(name)
-            .ok_or_else(|| Error::UnknownAnalysis(name.to_string()))
     }
 
-    pub fn list(&self) -> Vec<AnalysisInfo> {
-        let mut list: Vec<AnalysisInfo> = self
-            .analyses
-            .read()
-            .expect("registry lock")
-            .values()
-            .map(|a| AnalysisInfo::of(&**a))
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
+    /// The analyses that read `name`'s annotations, directly.
+    pub fn downstream(&self, name: &str) -> Vec<Arc<AnalysisMeta>> {
+        self.catalog
+            .readers(&InputSource::Analysis(name.to_string()))
     }
 
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .analyses
-            .read()
-            .expect("registry lock")
-            .keys()
-            .cloned()
-            .collect();
-        names.sort();
-        names
-    }
-
-    pub fn for_kind(&self, kind: &str) -> Vec<Arc<dyn Analysis>> {
-        self.analyses
-            .read()
-            .expect("registry lock")
-            .values()
-            .filter(|a| a.kind() == kind)
-            .cloned()
-            .collect()
-    }
-
-    /// Reload every analysis from SQL.
-    pub async fn refresh(&self) -> Result<()> {
-        let sql =
-            "SELECT name, version, kind, partition, sql, description, fingerprint FROM analyses";
-        let rows: Vec<AnalysisRow> = match &self.db {
-            Database::Postgres(pg) => sqlx::query_as(sql).fetch_all(&pg.pool).await?,
-            Database::Sqlite(d) => sqlx::query_as(sql).fetch_all(&d.pool).await?,
-        };
-        let builtins: HashMap<String, Arc<dyn Analysis>> = builtin::all()
-            .into_iter()
-            .map(|a| (a.name().to_string(), a))
-            .collect();
-        let mut map: HashMap<String, Arc<dyn Analysis>> = HashMap::new();
-        for (name, version, kind, partition, sql, description, _) in rows {
-            let analysis: Arc<dyn Analysis> = match sql {
-                Some(sql) => Arc::new(SqlAnalysis {
-                    name: name.clone(),
-                    version,
-                    kind,
-                    partition: partition.parse().unwrap_or(Granularity::Day),
-                    sql,
-                    description,
-                }),
-                None => match builtins.get(&name) {
-                    Some(a) => a.clone(),
-                    None => continue,
-                },
-            };
-            map.insert(name, analysis);
-        }
-        *self.analyses.write().expect("registry lock") = map;
-        Ok(())
-    }
-
-    /// Register or change a SQL analysis. The SQL must run against the kind's records
-    /// (checked on an empty partition shaped like recent records). A changed definition
-    /// gets the next version; an unchanged one keeps its version.
-    pub async fn put_sql(
-        &self,
-        name: &str,
-        def: SqlDefinition,
-        actor: &str,
-    ) -> Result<(AnalysisInfo, bool)> {
+    /// Register or change a SQL analysis. The SQL must run against its inputs (checked on
+    /// empty inputs shaped by the kinds' schemas and the upstream analyses' columns); its
+    /// inputs must exist and form no cycle. A changed definition gets the next version, and
+    /// so does every analysis downstream of it.
+    pub async fn put_sql(&self, name: &str, def: SqlDefinition, actor: &str) -> Result<Registered> {
         validate_name(name)?;
-        if builtin::all().iter().any(|a| a.name() == name) {
+        if self.builtins.contains_key(name) {
             return Err(Error::Conflict(format!(
                 "{name:?} is a built-in analysis and cannot be replaced; choose another name"
             )));
         }
-        let partition: Granularity = def.partition.parse().map_err(Error::Invalid)?;
-        if def.kind.trim().is_empty() {
+        let inputs = match (def.kind, def.inputs) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Invalid(
+                    "give either kind (one input) or inputs (several), not both".into(),
+                ));
+            }
+            (Some(kind), None) => vec![Input::kind(kind.trim())],
+            (None, Some(inputs)) => inputs,
+            (None, None) => {
+                return Err(Error::Invalid(
+                    "name what the analysis reads: kind, or inputs such as [{\"kind\": \"generation\"}]".into(),
+                ));
+            }
+        };
+        self.check_inputs(name, &inputs).await?;
+        let sql = def.sql.trim().to_string();
+        if sql.is_empty() {
             return Err(Error::Invalid(
-                "kind is empty; name the kind of records the analysis reads".into(),
+                "sql is empty; write a SELECT over the analysis' input tables".into(),
             ));
         }
-        if def.sql.trim().is_empty() {
+        if def.description.len() > 2_000 {
             return Err(Error::Invalid(
-                "sql is empty; write a SELECT over the table events".into(),
+                "description is longer than 2,000 characters".into(),
             ));
         }
-        self.check_compiles(&def.kind, &def.sql).await?;
-        let mut analysis = SqlAnalysis {
+        check_statement(&sql).map_err(Error::Invalid)?;
+        let mut meta = AnalysisMeta {
             name: name.to_string(),
             version: 1,
-            kind: def.kind.clone(),
-            partition,
-            sql: def.sql.trim().to_string(),
-            description: def.description.clone(),
+            partition: def.partition.unwrap_or(Granularity::Day),
+            inputs,
+            language: Language::Sql,
+            sql: Some(sql),
+            description: def.description,
         };
-        let fingerprint = analysis.fingerprint();
-        let stored = self.row(name).await?;
-        if let Some(row) = &stored {
-            if row.6 == fingerprint {
-                analysis.version = row.1;
-                if row.5 != def.description {
-                    self.store(&analysis, &fingerprint, actor).await?;
+        self.check_compiles(&meta).await?;
+        let stored = self.store.analyses.get(name).await?;
+        let print = self.fingerprint(&meta);
+        let created = stored.is_none();
+        if let Some(stored) = &stored {
+            meta.version = stored.meta.version;
+            if stored.fingerprint == print {
+                if stored.meta.description != meta.description {
+                    self.store
+                        .analyses
+                        .put(vec![(meta.clone(), print)], actor)
+                        .await?;
+                    self.catalog.insert(meta.clone());
                 }
-                self.refresh().await?;
-                return Ok((AnalysisInfo::of(&analysis), false));
+                return Ok(Registered {
+                    meta,
+                    changed: false,
+                    created,
+                });
             }
-            analysis.version = row.1 + 1;
+            meta.version = stored.meta.version + 1;
         }
-        self.store(&analysis, &fingerprint, actor).await?;
-        self.refresh().await?;
-        Ok((AnalysisInfo::of(&analysis), true))
+        let mut changes = vec![(meta.clone(), print)];
+        changes.extend(self.downstream_bumps(&meta)?);
+        self.store.analyses.put(changes.clone(), actor).await?;
+        for (changed, _) in changes {
+            self.catalog.insert(changed);
+        }
+        Ok(Registered {
+            meta,
+            changed: true,
+            created,
+        })
     }
 
-    async fn check_compiles(&self, kind: &str, sql_text: &str) -> Result<()> {
-        let declared = frame::declared_fields(&self.db, kind).await?;
-        let empty = frame::empty_for_kind(&self.db, kind, &declared).await?;
-        let sql_text = sql_text.to_string();
-        tokio::task::spawn_blocking(move || sql::run_sql(&sql_text, empty))
+    /// What decides the version: the computation, and the versions it reads.
+    fn fingerprint(&self, meta: &AnalysisMeta) -> String {
+        let inputs = serde_json::to_string(&meta.inputs).expect("inputs serialize");
+        let upstream: Vec<String> = meta
+            .upstream()
+            .map(|u| {
+                let version = self.catalog.get(u).map_or(0, |m| m.version);
+                format!("{u}@{version}")
+            })
+            .collect();
+        fingerprint(&[
+            meta.partition.as_str(),
+            &inputs,
+            meta.sql.as_deref().unwrap_or(""),
+            &upstream.join(","),
+        ])
+    }
+
+    /// Every analysis downstream of `changed` (transitively) with its next version.
+    fn downstream_bumps(&self, changed: &AnalysisMeta) -> Result<Vec<(AnalysisMeta, String)>> {
+        let mut bumped: BTreeMap<String, AnalysisMeta> = BTreeMap::new();
+        let mut versions: HashMap<String, i64> = HashMap::new();
+        versions.insert(changed.name.clone(), changed.version);
+        let mut frontier = vec![changed.name.clone()];
+        for _ in 0..MAX_DEPTH {
+            let mut next = Vec::new();
+            for name in frontier {
+                for down in self.downstream(&name) {
+                    if down.language == Language::Builtin || bumped.contains_key(&down.name) {
+                        continue;
+                    }
+                    let mut meta = (*down).clone();
+                    meta.version += 1;
+                    versions.insert(meta.name.clone(), meta.version);
+                    next.push(meta.name.clone());
+                    bumped.insert(meta.name.clone(), meta);
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            frontier = next;
+        }
+        Ok(bumped
+            .into_values()
+            .map(|meta| {
+                let upstream: Vec<String> = meta
+                    .upstream()
+                    .map(|u| {
+                        let version = versions
+                            .get(u)
+                            .copied()
+                            .or_else(|| self.catalog.get(u).map(|m| m.version))
+                            .unwrap_or(0);
+                        format!("{u}@{version}")
+                    })
+                    .collect();
+                let inputs = serde_json::to_string(&meta.inputs).expect("inputs serialize");
+                let print = fingerprint(&[
+                    meta.partition.as_str(),
+                    &inputs,
+                    meta.sql.as_deref().unwrap_or(""),
+                    &upstream.join(","),
+                ]);
+                (meta, print)
+            })
+            .collect())
+    }
+
+    /// Inputs exist (analyses; kinds may be new), are not repeated, and make no cycle.
+    async fn check_inputs(&self, name: &str, inputs: &[Input]) -> Result<()> {
+        if inputs.is_empty() {
+            return Err(Error::Invalid("inputs is empty; name at least one".into()));
+        }
+        if inputs.len() > 16 {
+            return Err(Error::Invalid("an analysis reads at most 16 inputs".into()));
+        }
+        let mut seen = BTreeSet::new();
+        for input in inputs {
+            let source_name = input.source.name();
+            if source_name.trim().is_empty() || source_name.len() > 200 {
+                return Err(Error::Invalid(
+                    "an input names a kind or an analysis of 1 to 200 characters".into(),
+                ));
+            }
+            if !seen.insert(input.source.clone()) {
+                return Err(Error::Invalid(format!(
+                    "the input {} is listed twice",
+                    input.source
+                )));
+            }
+        }
+        self.catalog.refresh().await?;
+        for input in inputs {
+            let InputSource::Analysis(upstream) = &input.source else {
+                continue;
+            };
+            if upstream == name {
+                return Err(Error::Invalid(format!(
+                    "{name:?} cannot read its own annotations (a cycle: {name} → {name})"
+                )));
+            }
+            if self.catalog.get(upstream).is_none() {
+                return Err(Error::Invalid(format!(
+                    "the input analysis {upstream:?} does not exist; register it first (GET /v1/analyses lists them)"
+                )));
+            }
+            if let Some(path) = self.path_to(upstream, name) {
+                return Err(Error::Invalid(format!(
+                    "reading {upstream:?} would make a cycle: {name} → {} → {name}",
+                    path.join(" → ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain of inputs from `from` back to `to` (`from` reads … reads `to`), if any.
+    fn path_to(&self, from: &str, to: &str) -> Option<Vec<String>> {
+        let mut stack = vec![vec![from.to_string()]];
+        let mut visited = BTreeSet::new();
+        while let Some(path) = stack.pop() {
+            let last = path.last().expect("paths are not empty").clone();
+            if !visited.insert(last.clone()) || path.len() > MAX_DEPTH {
+                continue;
+            }
+            let Some(meta) = self.catalog.get(&last) else {
+                continue;
+            };
+            for upstream in meta.upstream() {
+                if upstream == to {
+                    return Some(path);
+                }
+                let mut longer = path.clone();
+                longer.push(upstream.to_string());
+                stack.push(longer);
+            }
+        }
+        None
+    }
+
+    async fn check_compiles(&self, meta: &AnalysisMeta) -> Result<()> {
+        let inputs = self.empty_inputs(meta, 0).await?;
+        let described = describe_tables(meta, &inputs);
+        let analysis = SqlAnalysis { meta: meta.clone() };
+        tokio::task::spawn_blocking(move || analysis.compute(inputs))
             .await
-            .map_err(|e| Error::Compute(e.to_string()))?
+            .map_err(|e| Error::internal("checking an analysis", e))?
             .map_err(|e| {
                 Error::Invalid(format!(
-                    "the SQL does not run against the table events of kind {kind:?}: {e}. \
-                     Its columns are data_id, source, kind, created, received_at and the fields of data."
+                    "the SQL does not run against its inputs: {e}. {described}"
                 ))
             })?;
         Ok(())
     }
 
-    async fn row(&self, name: &str) -> Result<Option<AnalysisRow>> {
-        let sql = "SELECT name, version, kind, partition, sql, description, fingerprint FROM analyses WHERE name = $1";
-        Ok(match &self.db {
-            Database::Postgres(pg) => {
-                sqlx::query_as(sql)
-                    .bind(name)
-                    .fetch_optional(&pg.pool)
-                    .await?
+    /// Empty inputs shaped like `meta`'s: kinds by their schemas, analyses by what they
+    /// make of empty inputs themselves.
+    fn empty_inputs<'a>(
+        &'a self,
+        meta: &'a AnalysisMeta,
+        depth: usize,
+    ) -> futures::future::BoxFuture<'a, Result<Inputs>> {
+        Box::pin(async move {
+            if depth > MAX_DEPTH {
+                return Err(Error::Invalid("the analysis graph is too deep".into()));
             }
-            Database::Sqlite(d) => {
-                sqlx::query_as(sql)
-                    .bind(name)
-                    .fetch_optional(&d.pool)
-                    .await?
+            let mut inputs = Inputs::new();
+            for input in &meta.inputs {
+                let mut frame = match &input.source {
+                    InputSource::Kind(kind) => {
+                        let schema = self
+                            .store
+                            .kinds
+                            .get(kind)
+                            .await?
+                            .map(|k| k.schema)
+                            .unwrap_or_default();
+                        frame::empty(kind, &schema).map_err(crate::frame_error)?
+                    }
+                    InputSource::Analysis(upstream) => {
+                        let upstream = self.catalog.find(upstream).await?;
+                        let upstream_inputs = self.empty_inputs(&upstream, depth + 1).await?;
+                        let analysis = self.analysis(&upstream)?;
+                        let mut out =
+                            tokio::task::spawn_blocking(move || analysis.compute(upstream_inputs))
+                                .await
+                                .map_err(|e| Error::internal("checking an analysis", e))?
+                                .map_err(|e| {
+                                    Error::Invalid(format!(
+                                        "{} does not run on empty inputs: {e}",
+                                        upstream.name
+                                    ))
+                                })?;
+                        out.with_column(
+                            Series::new("partition".into(), Vec::<String>::new()).into_column(),
+                        )
+                        .map_err(|e| Error::internal("checking an analysis", e))?;
+                        out
+                    }
+                };
+                if input.lookback.is_some() {
+                    frame
+                        .with_column(
+                            Series::new("in_partition".into(), Vec::<bool>::new()).into_column(),
+                        )
+                        .map_err(|e| Error::internal("checking an analysis", e))?;
+                }
+                inputs.insert(input.source.clone(), frame);
             }
+            Ok(inputs)
         })
     }
+}
 
-    /// Upsert the analysis row and log `analysis.registered`, in one transaction.
-    async fn store(&self, analysis: &dyn Analysis, fingerprint: &str, actor: &str) -> Result<()> {
-        let mut tx = self.db.begin_write().await?;
-        let sql = "INSERT INTO analyses (name, version, kind, partition, sql, description, fingerprint, updated_at, updated_by) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                   ON CONFLICT (name) DO UPDATE SET version = excluded.version, kind = excluded.kind, \
-                   partition = excluded.partition, sql = excluded.sql, description = excluded.description, \
-                   fingerprint = excluded.fingerprint, updated_at = excluded.updated_at, updated_by = excluded.updated_by";
-        macro_rules! run {
-            ($tx:expr) => {
-                sqlx::query(sql)
-                    .bind(analysis.name())
-                    .bind(analysis.version())
-                    .bind(analysis.kind())
-                    .bind(analysis.partition().as_str())
-                    .bind(analysis.sql())
-                    .bind(analysis.description())
-                    .bind(fingerprint)
-                    .bind(Utc::now())
-                    .bind(actor)
-                    .execute(&mut **$tx)
-                    .await
-                    .map(|r| r.rows_affected())?
-            };
-        }
-        match &mut tx {
-            scholia_events::db::WriteTx::Postgres { tx, .. } => run!(tx),
-            scholia_events::db::WriteTx::Sqlite { tx, .. } => run!(tx),
-        };
-        log::append(
-            &mut tx,
-            vec![NewEvent::new(
-                actor,
-                EventBody::AnalysisRegistered {
-                    analysis: analysis.name().to_string(),
-                    version: analysis.version(),
-                    kind: analysis.kind().to_string(),
-                    partition: analysis.partition().as_str().to_string(),
-                },
-            )],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
+/// "Its tables are events (data_id, source, …)": for error messages.
+fn describe_tables(meta: &AnalysisMeta, inputs: &Inputs) -> String {
+    let tables: Vec<String> = sql::tables(meta)
+        .into_iter()
+        .filter_map(|(table, source)| {
+            let frame = inputs.get(&source).ok()?;
+            let columns: Vec<String> = frame
+                .get_column_names()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+            Some(format!("{table} ({})", columns.join(", ")))
+        })
+        .collect();
+    format!("Its tables are {}", tables.join("; "))
 }
 
 fn validate_name(name: &str) -> Result<()> {

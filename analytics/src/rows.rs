@@ -3,31 +3,21 @@
 
 use chrono::{DateTime, NaiveDate};
 use polars::prelude::*;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::Result;
+use scholia_events::analysis::{ColumnSpec, ColumnType};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ColumnSpec {
-    pub name: String,
-    /// `float`, `int`, `bool`, `string`, `date`, `datetime` or `other`.
-    #[serde(rename = "type")]
-    pub ty: String,
-}
-
-/// The columns and rows of a frame. Times are written as RFC 3339 (UTC), dates as
-/// `YYYY-MM-DD`, NaN and infinities as null.
-/// A frame as its column specs and its rows.
+/// A frame as its column specs and its rows. Times are written as RFC 3339 (UTC), dates
+/// as `YYYY-MM-DD`, NaN and infinities as null.
 pub type Rows = (Vec<ColumnSpec>, Vec<Map<String, Value>>);
 
-pub fn frame_to_rows(frame: &DataFrame) -> Result<Rows> {
+pub fn frame_to_rows(frame: &DataFrame) -> PolarsResult<Rows> {
     let columns: Vec<ColumnSpec> = frame
         .columns()
         .iter()
         .map(|c| ColumnSpec {
             name: c.name().to_string(),
-            ty: type_name(c.dtype()).to_string(),
+            ty: column_type(c.dtype()),
         })
         .collect();
     let mut rows: Vec<Map<String, Value>> = (0..frame.height())
@@ -44,19 +34,19 @@ pub fn frame_to_rows(frame: &DataFrame) -> Result<Rows> {
     Ok((columns, rows))
 }
 
-fn type_name(dtype: &DataType) -> &'static str {
+fn column_type(dtype: &DataType) -> ColumnType {
     match dtype {
-        DataType::Float32 | DataType::Float64 => "float",
-        dt if dt.is_integer() => "int",
-        DataType::Boolean => "bool",
-        DataType::String => "string",
-        DataType::Date => "date",
-        DataType::Datetime(_, _) => "datetime",
-        _ => "other",
+        DataType::Float32 | DataType::Float64 => ColumnType::Float,
+        dt if dt.is_integer() => ColumnType::Int,
+        DataType::Boolean => ColumnType::Bool,
+        DataType::String => ColumnType::String,
+        DataType::Date => ColumnType::Date,
+        DataType::Datetime(_, _) => ColumnType::Datetime,
+        _ => ColumnType::Other,
     }
 }
 
-fn series_values(series: &Series) -> Result<Vec<Value>> {
+fn series_values(series: &Series) -> PolarsResult<Vec<Value>> {
     let out = match series.dtype() {
         DataType::Float32 | DataType::Float64 => {
             let s = series.cast(&DataType::Float64)?;
@@ -138,55 +128,6 @@ fn series_values(series: &Series) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-/// Rebuild a frame from stored columns and rows (for Arrow output). Extra columns
-/// (such as `partition`) may be prepended by the caller.
-pub fn rows_to_frame(columns: &[ColumnSpec], rows: &[Map<String, Value>]) -> Result<DataFrame> {
-    let height = rows.len();
-    let mut out = Vec::with_capacity(columns.len());
-    for spec in columns {
-        let name = PlSmallStr::from(spec.name.as_str());
-        let get = |row: &Map<String, Value>| row.get(&spec.name).cloned().unwrap_or(Value::Null);
-        let column = match spec.ty.as_str() {
-            "float" => Series::new(
-                name,
-                rows.iter().map(|r| get(r).as_f64()).collect::<Vec<_>>(),
-            ),
-            "int" => Series::new(
-                name,
-                rows.iter().map(|r| get(r).as_i64()).collect::<Vec<_>>(),
-            ),
-            "bool" => Series::new(
-                name,
-                rows.iter().map(|r| get(r).as_bool()).collect::<Vec<_>>(),
-            ),
-            "datetime" => Series::new(
-                name,
-                rows.iter()
-                    .map(|r| {
-                        get(r)
-                            .as_str()
-                            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                            .map(|t| t.timestamp_micros())
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .into_datetime(TimeUnit::Microseconds, None),
-            _ => Series::new(
-                name,
-                rows.iter()
-                    .map(|r| match get(r) {
-                        Value::Null => None,
-                        Value::String(s) => Some(s),
-                        other => Some(other.to_string()),
-                    })
-                    .collect::<Vec<_>>(),
-            ),
-        };
-        out.push(column.into_column());
-    }
-    Ok(DataFrame::new(height, out)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,14 +148,16 @@ mod tests {
         .unwrap();
         let (columns, rows) = frame_to_rows(&frame).unwrap();
         assert_eq!(
-            columns.iter().map(|c| c.ty.as_str()).collect::<Vec<_>>(),
-            ["string", "float", "int", "datetime"]
+            columns.iter().map(|c| c.ty).collect::<Vec<_>>(),
+            [
+                ColumnType::String,
+                ColumnType::Float,
+                ColumnType::Int,
+                ColumnType::Datetime
+            ]
         );
         assert_eq!(rows[0]["avg"], 1.5);
         assert_eq!(rows[1]["avg"], Value::Null);
         assert_eq!(rows[1]["at"], "1970-01-01T01:00:00.000000Z");
-        let back = rows_to_frame(&columns, &rows).unwrap();
-        assert_eq!(back.height(), 2);
-        assert_eq!(back.column("n").unwrap().i64().unwrap().get(1), Some(4));
     }
 }

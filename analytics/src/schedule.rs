@@ -1,7 +1,7 @@
 //! Schedules of preemptive rebuilds: a five-field cron (UTC) and a window (an ISO 8601
-//! duration ending at the firing time). Each firing invalidates the window eagerly and
-//! is logged as `schedule.fired`. A firing happens once however many processes run the
-//! scheduler: each claims the firing time with a conditional update, and one wins.
+//! duration ending at the firing time). Each firing invalidates the window eagerly and is
+//! logged as `schedule.fired`. A firing happens once however many processes run the
+//! scheduler: each claims the slot with a conditional update, and one wins.
 
 use std::time::Duration;
 
@@ -9,13 +9,18 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use scholia_annotation_cache::AnnotationCache;
+use scholia_events::duration::parse_duration;
 use scholia_events::envelope::format_time;
-use scholia_events::error::DbContext;
-use scholia_events::{Database, EventBody, NewEvent, log};
+use scholia_events::status::Rebuild;
+use scholia_events::store::ScheduleRecord;
+use scholia_events::{Error, EventBody, NewEvent, Result};
 
-use crate::queue::on_db;
+use crate::invalidation;
 use crate::registry::Registry;
-use crate::{Error, Result, invalidation};
+
+/// The longest window a schedule may rebuild: a year.
+pub const MAX_WINDOW_DAYS: i64 = 366;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,59 +55,10 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron> {
         .map_err(|e| Error::Invalid(format!("cron {expr:?} is not valid: {e}")))
 }
 
-/// Parse an ISO 8601 duration such as `P7D`, `PT6H`, `P1DT12H`, `P2W` or `PT30M`.
+/// Parse a window: an ISO 8601 duration of at most a year.
 pub fn parse_window(text: &str) -> Result<chrono::Duration> {
-    let bad = || {
-        Error::Invalid(format!(
-            "window {text:?} is not an ISO 8601 duration such as P7D, PT6H or P1DT12H"
-        ))
-    };
-    let rest = text.strip_prefix('P').ok_or_else(bad)?;
-    let (date, time) = match rest.split_once('T') {
-        Some((d, t)) => (d, Some(t)),
-        None => (rest, None),
-    };
-    let mut total = chrono::Duration::zero();
-    let mut parse_part = |part: &str, units: &[(char, i64)]| -> Result<()> {
-        let mut number = String::new();
-        for c in part.chars() {
-            if c.is_ascii_digit() {
-                number.push(c);
-            } else {
-                let seconds = units
-                    .iter()
-                    .find(|(u, _)| *u == c)
-                    .map(|(_, s)| *s)
-                    .ok_or_else(bad)?;
-                let n: i64 = number.parse().map_err(|_| bad())?;
-                total += chrono::Duration::seconds(n * seconds);
-                number.clear();
-            }
-        }
-        if number.is_empty() {
-            Ok(())
-        } else {
-            Err(bad())
-        }
-    };
-    parse_part(date, &[('W', 7 * 86_400), ('D', 86_400)])?;
-    if let Some(time) = time {
-        parse_part(time, &[('H', 3_600), ('M', 60), ('S', 1)])?;
-    }
-    if total <= chrono::Duration::zero() {
-        return Err(bad());
-    }
-    Ok(total)
+    parse_duration(text, "window", chrono::Duration::days(MAX_WINDOW_DAYS)).map_err(Error::Invalid)
 }
-
-type ScheduleRow = (
-    String,
-    String,
-    String,
-    String,
-    Option<DateTime<Utc>>,
-    DateTime<Utc>,
-);
 
 fn next_after(cron: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     parse_cron(cron)
@@ -111,8 +67,26 @@ fn next_after(cron: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         .ok()
 }
 
+fn view(record: ScheduleRecord) -> Schedule {
+    let next = next_after(
+        &record.cron,
+        record
+            .last_fired
+            .unwrap_or(record.updated_at)
+            .max(Utc::now() - chrono::Duration::seconds(1)),
+    );
+    Schedule {
+        name: record.name,
+        analysis: record.analysis,
+        cron: record.cron,
+        window: record.window,
+        last_fired: record.last_fired.map(format_time),
+        next_firing: next.map(format_time),
+    }
+}
+
+/// Create or change a schedule.
 pub async fn put(
-    db: &Database,
     registry: &Registry,
     name: &str,
     def: ScheduleDefinition,
@@ -128,83 +102,46 @@ pub async fn put(
             "schedule name {name:?} must be 1 to 64 letters, digits, '-' or '_'"
         )));
     }
-    registry.find(&def.analysis).await?;
+    registry.catalog().find(&def.analysis).await?;
     parse_cron(&def.cron)?;
     parse_window(&def.window)?;
-    let now = Utc::now();
-    let mut tx = db.begin_write().await?;
-    let sql = "INSERT INTO schedules (name, analysis, cron, window_spec, last_fired, updated_at, updated_by) \
-               VALUES ($1, $2, $3, $4, NULL, $5, $6) ON CONFLICT (name) DO UPDATE SET analysis = excluded.analysis, \
-               cron = excluded.cron, window_spec = excluded.window_spec, updated_at = excluded.updated_at, updated_by = excluded.updated_by";
-    crate::queue::on_tx!(&mut tx, |c| sqlx::query(sql)
-        .bind(name)
-        .bind(&def.analysis)
-        .bind(&def.cron)
-        .bind(&def.window)
-        .bind(now)
-        .bind(actor)
-        .execute(&mut **c)
-        .await
-        .map(|r| r.rows_affected())
-        .context("storing a schedule")?);
-    log::append(
-        &mut tx,
-        vec![NewEvent::new(
-            actor,
-            EventBody::AdminAction {
-                action: "schedule.updated".into(),
-                target: name.to_string(),
-                detail: serde_json::json!({"analysis": def.analysis, "cron": def.cron, "window": def.window}),
-            },
-        )],
-    )
-    .await?;
-    tx.commit().await?;
-    get(db, name)
+    let record = ScheduleRecord {
+        name: name.to_string(),
+        analysis: def.analysis,
+        cron: def.cron,
+        window: def.window,
+        last_fired: None,
+        updated_at: Utc::now(),
+    };
+    registry.store().schedules.put(&record, actor).await?;
+    get(registry, name)
         .await?
         .ok_or_else(|| Error::NotFound(format!("schedule {name} vanished")))
 }
 
-fn to_schedule((name, analysis, cron, window, last_fired, updated_at): ScheduleRow) -> Schedule {
-    let next = next_after(
-        &cron,
-        last_fired
-            .unwrap_or(updated_at)
-            .max(Utc::now() - chrono::Duration::seconds(1)),
-    );
-    Schedule {
-        name,
-        analysis,
-        cron,
-        window,
-        last_fired: last_fired.map(format_time),
-        next_firing: next.map(format_time),
-    }
+pub async fn get(registry: &Registry, name: &str) -> Result<Option<Schedule>> {
+    Ok(registry.store().schedules.get(name).await?.map(view))
 }
 
-pub async fn get(db: &Database, name: &str) -> Result<Option<Schedule>> {
-    let sql = "SELECT name, analysis, cron, window_spec, last_fired, updated_at FROM schedules WHERE name = $1";
-    let row: Option<ScheduleRow> = on_db!(db, |p| sqlx::query_as(sql)
-        .bind(name)
-        .fetch_optional(p)
-        .await
-        .context("reading a schedule")?);
-    Ok(row.map(to_schedule))
-}
-
-pub async fn list(db: &Database) -> Result<Vec<Schedule>> {
-    let sql = "SELECT name, analysis, cron, window_spec, last_fired, updated_at FROM schedules ORDER BY name";
-    let rows: Vec<ScheduleRow> = on_db!(db, |p| sqlx::query_as(sql)
-        .fetch_all(p)
-        .await
-        .context("listing schedules")?);
-    Ok(rows.into_iter().map(to_schedule).collect())
+pub async fn list(registry: &Registry) -> Result<Vec<Schedule>> {
+    Ok(registry
+        .store()
+        .schedules
+        .list()
+        .await?
+        .into_iter()
+        .map(view)
+        .collect())
 }
 
 /// Fire due schedules until shut down.
-pub async fn run(db: Database, registry: Registry, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    cache: &AnnotationCache,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> Result<()> {
     loop {
-        if let Err(error) = fire_due(&db, &registry).await {
+        if let Err(error) = fire_due(cache, registry).await {
             tracing::warn!(error = %error, "Checking schedules failed; will retry");
         }
         tokio::select! {
@@ -214,15 +151,14 @@ pub async fn run(db: Database, registry: Registry, shutdown: CancellationToken) 
     }
 }
 
-async fn fire_due(db: &Database, registry: &Registry) -> Result<()> {
-    let sql = "SELECT name, analysis, cron, window_spec, last_fired, updated_at FROM schedules";
-    let rows: Vec<ScheduleRow> = on_db!(db, |p| sqlx::query_as(sql)
-        .fetch_all(p)
-        .await
-        .context("reading schedules")?);
+async fn fire_due(cache: &AnnotationCache, registry: &Registry) -> Result<()> {
+    let store = registry.store();
     let now = Utc::now();
-    for (name, analysis, cron, window, last_fired, updated_at) in rows {
-        let Some(due) = next_after(&cron, last_fired.unwrap_or(updated_at)) else {
+    for schedule in store.schedules.list().await? {
+        let Some(due) = next_after(
+            &schedule.cron,
+            schedule.last_fired.unwrap_or(schedule.updated_at),
+        ) else {
             continue;
         };
         if due > now {
@@ -230,59 +166,50 @@ async fn fire_due(db: &Database, registry: &Registry) -> Result<()> {
         }
         // Skip firings missed while nothing ran: fire once, for the latest due time.
         let mut slot = due;
-        while let Some(next) = next_after(&cron, slot) {
+        while let Some(next) = next_after(&schedule.cron, slot) {
             if next > now {
                 break;
             }
             slot = next;
         }
-        let claim = "UPDATE schedules SET last_fired = $2 WHERE name = $1 AND (last_fired IS NULL OR last_fired < $2)";
-        let won = on_db!(db, |p| sqlx::query(claim)
-            .bind(&name)
-            .bind(slot)
-            .execute(p)
-            .await
-            .map(|r| r.rows_affected())
-            .context("claiming a schedule firing")?)
-            == 1;
-        if !won {
+        if !store.schedules.claim_firing(&schedule.name, slot).await? {
             continue;
         }
-        let Ok(window) = parse_window(&window) else {
-            continue;
+        let window = match parse_window(&schedule.window) {
+            Ok(window) => window,
+            Err(error) => {
+                tracing::warn!(schedule = %schedule.name, error = %error, "Schedule has a bad window; skipped");
+                continue;
+            }
         };
         let (from, to) = (slot - window, slot);
-        let actor = format!("schedule:{name}");
-        match invalidation::create(
-            db,
-            registry,
-            &analysis,
+        let actor = format!("schedule:{}", schedule.name);
+        let request = invalidation::Request {
+            analysis: schedule.analysis.clone(),
             from,
             to,
-            &format!("schedule {name}"),
-            true,
-            &actor,
-        )
-        .await
-        {
+            reason: format!("schedule {}", schedule.name),
+            rebuild: Rebuild::Eager,
+            actor: actor.clone(),
+        };
+        match invalidation::create(store, cache.catalog(), &request).await {
             Ok(id) => {
-                log::append_now(
-                    db,
-                    vec![NewEvent::new(
+                store
+                    .log
+                    .append(vec![NewEvent::new(
                         &actor,
                         EventBody::ScheduleFired {
-                            schedule: name.clone(),
-                            analysis,
+                            schedule: schedule.name.clone(),
+                            analysis: schedule.analysis.clone(),
                             from,
                             to,
                         },
-                    )],
-                )
-                .await?;
-                tracing::info!(schedule = %name, invalidation = %id, "Schedule fired");
+                    )])
+                    .await?;
+                tracing::info!(schedule = %schedule.name, invalidation = %id, "Schedule fired");
             }
             Err(error) => {
-                tracing::warn!(schedule = %name, error = %error, "Schedule could not fire")
+                tracing::warn!(schedule = %schedule.name, error = %error, "Schedule could not fire")
             }
         }
     }
@@ -294,7 +221,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_are_iso_8601_durations() {
+    fn windows_are_iso_8601_durations_of_at_most_a_year() {
         assert_eq!(parse_window("P7D").unwrap(), chrono::Duration::days(7));
         assert_eq!(parse_window("PT6H").unwrap(), chrono::Duration::hours(6));
         assert_eq!(
@@ -304,6 +231,8 @@ mod tests {
         assert_eq!(parse_window("P2W").unwrap(), chrono::Duration::days(14));
         assert!(parse_window("7 days").is_err());
         assert!(parse_window("P").is_err());
+        assert!(parse_window("P100000000D").is_err());
+        assert!(parse_window("P99999999999999D").is_err());
     }
 
     #[test]

@@ -1,136 +1,183 @@
-//! The worker role: build loops, the planner that turns new data into rebuilds, the
-//! registry follower, and the scheduler.
+//! The worker role: build loops that claim partitions from the queue in SQL, load their
+//! inputs, run the analysis on a blocking thread and commit the annotation through the
+//! cache; and the tasks that keep the queue full of the right work (`planner.rs`,
+//! `schedule.rs`).
+//!
+//! A build holds a short lease, renewed by a heartbeat while it runs, so a killed
+//! worker's partition is taken over within seconds. A build that fails retries only when
+//! the failure was transient (a database or bus outage); a build whose inputs are not
+//! ready yet hands its partition back without counting an attempt; a partition whose
+//! builds keep stopping their workers is given up on after a few attempts.
 
-use std::collections::BTreeSet;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use chrono::Utc;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use scholia_annotation_cache::AnnotationCache;
+use scholia_events::analysis::AnalysisMeta;
 use scholia_events::bus::{Delivery, EventFilter};
-use scholia_events::error::DbContext;
-use scholia_events::metrics::Metrics;
-use scholia_events::{Bus, Database, EventBody, LoggedEvent, NewEvent, PartitionKey, log};
+use scholia_events::status::Want;
+use scholia_events::store::{BuildRequest, Claim, Committed, NewAnnotation};
+use scholia_events::tasks::{OnFailure, Supervisor};
+use scholia_events::{Error, EventBody, EventType, NewEvent, Result};
 
-use crate::frames::{FrameCache, Source};
-use crate::queue::{self, BuildResult, Claim, Committed, on_db};
+use crate::frames::FrameCache;
+use crate::inputs::{self, Loaded};
 use crate::registry::Registry;
-use crate::{Error, Result, frame, rows, schedule};
+use crate::rows;
 
-/// How long new data waits before its partition is rebuilt, so that a burst of records
-/// into one partition coalesces into one build.
-pub(crate) const STALENESS_DEBOUNCE: Duration = Duration::from_millis(100);
+/// How a worker process builds.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Builds one process runs at once.
+    pub concurrency: usize,
+    /// How long a claim holds without a heartbeat.
+    pub lease: Duration,
+    /// Builds of a partition that may start (and never finish) before it is given up on.
+    pub max_attempts: i32,
+    /// The longest one build may run.
+    pub build_timeout: Duration,
+    /// How often the reconciler compares built partitions with what SQL holds.
+    pub reconcile_every: Duration,
+    /// How long new data waits before its partitions are rebuilt, so that bursts coalesce.
+    pub debounce: Duration,
+}
 
-type Task = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            concurrency: 2,
+            lease: Duration::from_secs(5),
+            max_attempts: 3,
+            build_timeout: Duration::from_secs(600),
+            reconcile_every: Duration::from_secs(5),
+            debounce: Duration::from_millis(100),
+        }
+    }
+}
+
+/// How long a build whose inputs are not ready waits before it looks again.
+const WAIT_FOR_INPUTS: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct Workers {
-    db: Database,
-    bus: Arc<dyn Bus>,
-    registry: Registry,
-    metrics: Arc<Metrics>,
-    concurrency: usize,
+    pub(crate) cache: AnnotationCache,
+    pub(crate) registry: Registry,
     frames: FrameCache,
-    wake: Arc<Notify>,
+    pub(crate) settings: WorkerSettings,
     id: String,
+    /// Bumped when builds may be due: a request on the bus, a queue notification.
+    wake: watch::Sender<u64>,
+    /// Bumped to make the reconciler look now (the planner fell behind the bus).
+    pub(crate) reconcile_now: watch::Sender<u64>,
+}
+
+/// What became of one build.
+enum Outcome {
+    Built(NewAnnotation),
+    Waiting(Vec<(AnalysisMeta, Vec<scholia_events::PartitionKey>)>),
+    Failed(Error),
+    LostLease,
 }
 
 impl Workers {
     pub fn new(
-        db: Database,
-        bus: Arc<dyn Bus>,
+        cache: AnnotationCache,
         registry: Registry,
-        metrics: Arc<Metrics>,
-        concurrency: usize,
         frames: FrameCache,
+        settings: WorkerSettings,
     ) -> Self {
-        let id = format!("{}-{}", hostname(), std::process::id());
         Workers {
-            db,
-            bus,
+            cache,
             registry,
-            metrics,
-            concurrency,
             frames,
-            wake: Arc::new(Notify::new()),
-            id,
+            settings,
+            id: format!("{}-{}", hostname(), std::process::id()),
+            wake: watch::Sender::new(0),
+            reconcile_now: watch::Sender::new(0),
         }
     }
 
-    /// The named long-running tasks of the worker role.
-    pub fn tasks(&self, shutdown: CancellationToken) -> Vec<(&'static str, Task)> {
-        let mut tasks: Vec<(&'static str, Task)> = Vec::new();
+    /// Start the worker role's tasks.
+    pub fn spawn(&self, supervisor: &Supervisor) {
         let w = self.clone();
-        let s = shutdown.clone();
-        tasks.push((
-            "worker-wakeups",
-            Box::pin(async move { w.follow_requests(s).await }),
-        ));
-        for slot in 0..self.concurrency {
+        supervisor.spawn("worker-wakeups", OnFailure::Restart, move |stop| {
+            let w = w.clone();
+            async move { w.follow_wakeups(stop).await }
+        });
+        for slot in 0..self.settings.concurrency {
             let w = self.clone();
-            let s = shutdown.clone();
-            tasks.push((
-                "worker-builds",
-                Box::pin(async move { w.build_loop(slot, s).await }),
-            ));
+            supervisor.spawn(
+                format!("worker-build-{slot}"),
+                OnFailure::Restart,
+                move |stop| {
+                    let w = w.clone();
+                    async move { w.build_loop(slot, stop).await }
+                },
+            );
         }
         let w = self.clone();
-        let s = shutdown.clone();
-        tasks.push(("planner", Box::pin(async move { w.plan_loop(s).await })));
+        supervisor.spawn("planner", OnFailure::Restart, move |stop| {
+            let w = w.clone();
+            async move { w.plan_loop(stop).await }
+        });
         let w = self.clone();
-        let s = shutdown.clone();
-        tasks.push((
-            "registry-follower",
-            Box::pin(async move { follow_registrations(w.bus, w.registry, s).await }),
-        ));
-        let (db, registry) = (self.db.clone(), self.registry.clone());
-        tasks.push((
-            "scheduler",
-            Box::pin(async move { schedule::run(db, registry, shutdown).await }),
-        ));
-        tasks
+        supervisor.spawn("reconciler", OnFailure::Restart, move |stop| {
+            let w = w.clone();
+            async move { w.reconcile_loop(stop).await }
+        });
+        let w = self.clone();
+        supervisor.spawn("scheduler", OnFailure::Restart, move |stop| {
+            let w = w.clone();
+            async move { crate::schedule::run(&w.cache, &w.registry, stop).await }
+        });
     }
 
-    /// `analysis.requested` wakes the build loops; the work itself is in SQL, so the
-    /// message is acknowledged at once.
-    async fn follow_requests(self, shutdown: CancellationToken) -> Result<()> {
-        let mut sub = self
+    /// Requests on the bus and queue notifications from SQL both wake the build loops;
+    /// the work itself is in SQL, so a request message is acknowledged at once.
+    async fn follow_wakeups(&self, shutdown: CancellationToken) -> Result<()> {
+        let core = self.cache.core();
+        let mut requests = core
             .bus
-            .queue("workers", EventFilter("analysis.requested".into()))
+            .queue("workers", EventFilter::One(EventType::AnalysisRequested))
             .await?;
+        let mut queued = core.store.queue.watch().await?;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                delivery = sub.next() => match delivery {
+                delivery = requests.next() => match delivery {
                     Some(Delivery::Event(_, acker)) => {
-                        self.wake.notify_waiters();
                         let _ = acker.ack().await;
                     }
-                    Some(Delivery::Lagged) => self.wake.notify_waiters(),
-                    None => return Ok(()),
+                    Some(Delivery::Lagged) => {}
+                    None => return Err(Error::unavailable("the bus", "the work queue closed")),
                 },
+                _ = queued.changed() => {}
             }
+            self.wake.send_modify(|n| *n += 1);
         }
     }
 
-    async fn build_loop(self, slot: usize, shutdown: CancellationToken) -> Result<()> {
+    async fn build_loop(&self, slot: usize, shutdown: CancellationToken) -> Result<()> {
         let owner = format!("{}#{slot}", self.id);
+        let queue = self.cache.core().store.queue.clone();
+        let mut wake = self.wake.subscribe();
         let mut backoff = Duration::from_millis(200);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match queue::claim(&self.db, &owner).await {
+            wake.borrow_and_update();
+            match queue
+                .claim(&owner, self.settings.lease, self.settings.max_attempts)
+                .await
+            {
                 Ok(Some(claim)) => {
                     backoff = Duration::from_millis(200);
-                    self.build(claim).await;
+                    self.build(claim, &shutdown).await;
                     continue;
                 }
                 Ok(None) => {}
@@ -144,30 +191,63 @@ impl Workers {
                     continue;
                 }
             }
-            // Nothing due now: wait for a request, for the earliest queued build to become
-            // due (requests for new data are debounced), or at most half a second (retries
-            // become due, and leases expire, without any message).
-            let mut idle = Duration::from_millis(500);
-            if let Ok(Some(due)) = queue::next_due(&self.db).await {
-                let until = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+            // Nothing due now: wait for a wake-up, or for the earliest queued build (or
+            // lease) to fall due, or a second at most.
+            let mut idle = Duration::from_secs(1);
+            if let Ok(Some(due)) = queue.next_due().await {
+                let until = (due - Utc::now()).to_std().unwrap_or_default();
                 idle = idle.min(until.max(Duration::from_millis(5)));
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = &mut notified => {}
+                _ = wake.changed() => {}
                 _ = tokio::time::sleep(idle) => {}
             }
         }
     }
 
-    /// Build one claimed partition and commit (or record the failure).
-    async fn build(&self, claim: Claim) {
+    /// Build one claimed partition and commit it (or record why not), keeping the lease
+    /// alive meanwhile.
+    async fn build(&self, claim: Claim, shutdown: &CancellationToken) {
         let started = Instant::now();
-        let outcome = self.try_build(&claim, started).await;
-        let m = &self.metrics;
+        let core = self.cache.core();
+        let meta = match self.cache.catalog().find(&claim.analysis).await {
+            Ok(meta) => meta,
+            Err(error) => {
+                self.record_failure(&claim, 0, error).await;
+                return;
+            }
+        };
+        let outcome = {
+            let run = self.run(&claim, &meta, started);
+            tokio::pin!(run);
+            let mut heartbeat = tokio::time::interval(self.settings.lease / 5);
+            heartbeat.tick().await;
+            let deadline = tokio::time::sleep(self.settings.build_timeout);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    outcome = &mut run => break outcome,
+                    _ = heartbeat.tick() => {
+                        match core.store.queue.heartbeat(&claim, self.settings.lease).await {
+                            Ok(true) => {}
+                            Ok(false) => break Outcome::LostLease,
+                            Err(error) => tracing::warn!(error = %error, "Cannot renew a lease; trying again"),
+                        }
+                    }
+                    _ = &mut deadline => break Outcome::Failed(Error::Invalid(format!(
+                        "the build ran longer than the limit of {} seconds (SCHOLIA_BUILD_TIMEOUT_SECONDS) and was stopped",
+                        self.settings.build_timeout.as_secs()
+                    ))),
+                    // Shutting down: let the lease expire, another worker takes it over.
+                    _ = shutdown.cancelled() => break Outcome::LostLease,
+                }
+            }
+        };
+        let m = &core.metrics;
         match outcome {
-            Ok((version, result)) => match queue::complete(&self.db, &claim, &result).await {
-                Ok(Committed::Generation(generation)) => {
+            Outcome::Built(annotation) => match self.cache.commit(&claim, &annotation).await {
+                Ok(Committed::Generation { generation, again }) => {
                     m.counter(
                         "scholia_builds_completed_total",
                         "Partition builds committed.",
@@ -177,230 +257,121 @@ impl Workers {
                         "scholia_build_input_rows_total",
                         "Source rows read by committed builds.",
                     )
-                    .fetch_add(result.input_rows, Ordering::Relaxed);
+                    .fetch_add(annotation.input_rows() as u64, Ordering::Relaxed);
                     m.histogram("scholia_build_seconds", "Time to build one partition.")
                         .observe(started.elapsed().as_secs_f64());
-                    tracing::debug!(analysis = %claim.analysis, partition = %claim.partition, version, generation, "Built");
+                    tracing::debug!(analysis = %claim.analysis, partition = %claim.partition, generation, again, "Built");
                 }
                 Ok(Committed::LostLease) => {
                     tracing::warn!(analysis = %claim.analysis, partition = %claim.partition, "Lost the lease during a build; discarded its result");
                 }
-                Err(error) => {
-                    self.record_failure(&claim, version, &error.to_string(), true)
-                        .await
-                }
+                Err(error) => self.record_failure(&claim, meta.version, error).await,
             },
-            Err((version, error)) => {
-                let retryable = !matches!(error, Error::UnknownAnalysis(_) | Error::Invalid(_));
-                self.record_failure(&claim, version, &error.to_string(), retryable)
-                    .await;
+            Outcome::Waiting(missing) => {
+                for (upstream, partitions) in missing {
+                    if partitions.is_empty() {
+                        continue;
+                    }
+                    let request = BuildRequest {
+                        analysis: upstream.name.clone(),
+                        version: upstream.version,
+                        partitions,
+                        priority: claim.priority,
+                        want: Want::Present,
+                        not_before: Utc::now(),
+                        actor: format!("worker:{} (inputs of {})", claim.owner, claim.analysis),
+                        log: true,
+                    };
+                    if let Err(error) = core.store.queue.request(request).await {
+                        tracing::warn!(error = %error, "Cannot request upstream partitions");
+                    }
+                }
+                let until = Utc::now()
+                    + chrono::Duration::from_std(WAIT_FOR_INPUTS).expect("a short duration");
+                if let Err(error) = core.store.queue.defer(&claim, until).await {
+                    tracing::warn!(error = %error, "Cannot hand a partition back; its lease will expire");
+                }
             }
+            Outcome::Failed(error) => self.record_failure(&claim, meta.version, error).await,
+            Outcome::LostLease => {}
         }
     }
 
-    async fn record_failure(&self, claim: &Claim, version: i64, error: &str, retryable: bool) {
-        self.metrics
+    async fn run(&self, claim: &Claim, meta: &AnalysisMeta, started: Instant) -> Outcome {
+        match self.try_run(claim, meta, started).await {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome::Failed(error),
+        }
+    }
+
+    async fn try_run(
+        &self,
+        claim: &Claim,
+        meta: &AnalysisMeta,
+        started: Instant,
+    ) -> Result<Outcome> {
+        let core = self.cache.core();
+        let analysis = self.registry.analysis(meta)?;
+        let (inputs, reads) =
+            match inputs::load(&self.cache, &self.frames, meta, &claim.partition).await? {
+                Loaded::Ready { inputs, reads } => (inputs, reads),
+                Loaded::Waiting { missing } => return Ok(Outcome::Waiting(missing)),
+                Loaded::UpstreamFailed(error) => return Err(Error::Invalid(error)),
+            };
+        core.store
+            .log
+            .append(vec![NewEvent::new(
+                format!("worker:{}", claim.owner),
+                EventBody::AnalysisStarted {
+                    analysis: claim.analysis.clone(),
+                    version: meta.version,
+                    partition: claim.partition,
+                    build: claim.build,
+                    worker: claim.owner.clone(),
+                },
+            )])
+            .await?;
+        let span = tracing::Span::current();
+        let (columns, rows) = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let output = analysis.compute(inputs)?;
+            rows::frame_to_rows(&output)
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("the analysis panicked: {e}")))?
+        .map_err(|e| Error::Invalid(format!("the analysis failed: {e}")))?;
+        let rows_json = serde_json::to_string(&rows).expect("rows serialize");
+        Ok(Outcome::Built(NewAnnotation {
+            version: meta.version,
+            columns,
+            row_count: rows.len() as u64,
+            rows_json,
+            inputs: reads,
+            duration: started.elapsed(),
+        }))
+    }
+
+    /// Record a failed build: transient failures are retried with a growing delay, the
+    /// rest give up at once (the same input would fail the same way).
+    async fn record_failure(&self, claim: &Claim, version: i64, error: Error) {
+        let core = self.cache.core();
+        core.metrics
             .counter(
                 "scholia_builds_failed_total",
                 "Partition builds that failed.",
             )
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(analysis = %claim.analysis, partition = %claim.partition, error = %error, "Build failed");
-        if let Err(e) = queue::fail(&self.db, claim, version, error, retryable).await {
+        let retry_in = error
+            .is_transient()
+            .then(|| Duration::from_millis(500 * (1u64 << claim.attempts.clamp(0, 6) as u32)));
+        tracing::warn!(analysis = %claim.analysis, partition = %claim.partition, error = %error, retrying = retry_in.is_some(), "Build failed");
+        if let Err(e) = core
+            .store
+            .queue
+            .fail(claim, version, &error.to_string(), retry_in)
+            .await
+        {
             tracing::warn!(error = %e, "Cannot record a failed build; its lease will expire and it will be retried");
-        }
-    }
-
-    async fn try_build(
-        &self,
-        claim: &Claim,
-        started: Instant,
-    ) -> Result<(i64, BuildResult), (i64, Error)> {
-        let analysis = self
-            .registry
-            .find(&claim.analysis)
-            .await
-            .map_err(|e| (0, e))?;
-        let version = analysis.version();
-        let fail = |e: Error| (version, e);
-        let partition =
-            PartitionKey::parse(&claim.partition).map_err(|e| fail(Error::Invalid(e)))?;
-        log::append_now(
-            &self.db,
-            vec![NewEvent::new(
-                format!("worker:{}", claim.owner),
-                EventBody::AnalysisStarted {
-                    analysis: claim.analysis.clone(),
-                    version,
-                    partition,
-                    build: claim.build,
-                    worker: claim.owner.clone(),
-                },
-            )],
-        )
-        .await
-        .map_err(|e| fail(e.into()))?;
-
-        // Keep the lease while the build runs.
-        let heartbeat = {
-            let db = self.db.clone();
-            let claim = claim.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(queue::LEASE / 3).await;
-                    if !matches!(queue::heartbeat(&db, &claim).await, Ok(true)) {
-                        return;
-                    }
-                }
-            })
-        };
-        let result = async {
-            let declared = frame::declared_fields(&self.db, analysis.kind()).await?;
-            let (mut input, source) = self
-                .frames
-                .load(
-                    &self.db,
-                    analysis.kind(),
-                    partition.start,
-                    partition.end(),
-                    &declared,
-                )
-                .await?;
-            let counter = match source {
-                Source::Memory => "scholia_build_frames_reused_total",
-                Source::Extended => "scholia_build_frames_extended_total",
-                Source::Database => "scholia_build_frames_loaded_total",
-            };
-            self.metrics
-                .counter(
-                    counter,
-                    "Partition inputs reused from memory or read from the database.",
-                )
-                .fetch_add(1, Ordering::Relaxed);
-            if input.rows == 0 {
-                // No records: give the analysis the kind's columns, so that it makes no rows
-                // of them (rather than failing on a field it names).
-                input.frame = frame::empty_for_kind(&self.db, analysis.kind(), &declared).await?;
-            }
-            let (input_rows, input_seq) = (input.rows, input.max_seq);
-            let analysis = analysis.clone();
-            let span = tracing::Span::current();
-            let (columns, rows) = tokio::task::spawn_blocking(move || {
-                let _entered = span.enter();
-                let output = analysis.compute(input.frame)?;
-                rows::frame_to_rows(&output)
-            })
-            .await
-            .map_err(|e| Error::Compute(format!("the analysis panicked: {e}")))??;
-            let rows_json = serde_json::to_string(&rows).expect("rows serialize");
-            Ok::<_, Error>(BuildResult {
-                version,
-                columns,
-                row_count: rows.len() as u64,
-                rows_json,
-                input_rows,
-                input_seq,
-                duration: started.elapsed(),
-            })
-        }
-        .await;
-        heartbeat.abort();
-        result.map(|r| (version, r)).map_err(fail)
-    }
-
-    /// New records in a partition that was built make it stale: rebuild it soon.
-    async fn plan_loop(self, shutdown: CancellationToken) -> Result<()> {
-        let mut sub = self
-            .bus
-            .queue("planner", EventFilter("source.ingested".into()))
-            .await?;
-        loop {
-            let delivery = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                delivery = sub.next() => delivery,
-            };
-            match delivery {
-                Some(Delivery::Event(event, acker)) => match self.plan(&event).await {
-                    Ok(()) => {
-                        let _ = acker.ack().await;
-                    }
-                    Err(error) => {
-                        tracing::warn!(error = %error, seq = event.seq, "Planning rebuilds failed; will retry");
-                        let _ = acker.retry_after(Duration::from_secs(1)).await;
-                    }
-                },
-                Some(Delivery::Lagged) => {}
-                None => return Ok(()),
-            }
-        }
-    }
-
-    async fn plan(&self, event: &LoggedEvent) -> Result<()> {
-        let EventBody::SourceIngested { kind, hours, .. } = &event.body else {
-            return Ok(());
-        };
-        for analysis in self.registry.for_kind(kind) {
-            let keys: BTreeSet<PartitionKey> = hours
-                .iter()
-                .map(|h| analysis.partition().partition_of(h.start))
-                .collect();
-            let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
-                continue;
-            };
-            // Built partitions whose annotation did not see this batch yet: a build that
-            // ran after the batch committed already read it (its input reached this seq).
-            let sql = "SELECT partition FROM annotations \
-                       WHERE analysis = $1 AND partition >= $2 AND partition <= $3 AND input_seq < $4";
-            let stale_keys: Vec<String> = on_db!(&self.db, |p| sqlx::query_scalar(sql)
-                .bind(analysis.name())
-                .bind(first.to_string())
-                .bind(last.to_string())
-                .bind(event.seq)
-                .fetch_all(p)
-                .await
-                .context("finding built partitions")?);
-            let stale: Vec<PartitionKey> = keys
-                .into_iter()
-                .filter(|k| stale_keys.contains(&k.to_string()))
-                .collect();
-            queue::request_now(
-                &self.db,
-                analysis.name(),
-                analysis.version(),
-                &stale,
-                queue::Want::Rebuild,
-                STALENESS_DEBOUNCE,
-                "planner (new source data)",
-            )
-            .await?;
-        }
-        Ok(())
-    }
-}
-
-/// Keep a registry current with analyses registered by other processes.
-pub async fn follow_registrations(
-    bus: Arc<dyn Bus>,
-    registry: Registry,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let mut sub = bus
-        .subscribe(EventFilter("analysis.registered".into()))
-        .await?;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            delivery = sub.next() => match delivery {
-                Some(_) => {
-                    if let Err(error) = registry.refresh().await {
-                        tracing::warn!(error = %error, "Cannot reload analyses");
-                    }
-                }
-                None => return Ok(()),
-            },
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {
-                let _ = registry.refresh().await;
-            }
         }
     }
 }

@@ -1,75 +1,67 @@
 //! The annotation cache service: annotations in SQL (one generic table), moka in front
 //! (weighted by bytes, bounded), and the truth about every partition of a range: ready,
-//! stale, missing, queued, running or failed.
+//! stale, missing, queued, running or failed. It owns the annotations: analytics stores
+//! a build's result through [`AnnotationCache::commit`], readers and the websocket hub
+//! read through [`AnnotationCache::read`].
 //!
-//! Concurrency model: reads are served from moka and from a per-analysis snapshot of the
-//! build queue, both evicted by events from the bus ([`AnnotationCache::follow_bus`]),
-//! so a cached read costs no query. Every process that follows the bus evicts on
-//! `analysis.completed`, whichever process built it. After evicting, the follower
-//! re-broadcasts the event to local listeners (readers waiting with `wait=`, the
-//! websocket hub), so that what they read next is already fresh.
+//! Concurrency model: reads are served from moka and from snapshots of the build queue,
+//! both filed under a per-analysis epoch that every change bumps, so a cached read costs
+//! no query. Every process that follows the bus evicts on `analysis.completed`, whichever
+//! process built it; then it re-broadcasts the event to local listeners (readers waiting
+//! with `wait=`, the websocket hub), so that what they read next is already fresh. A read
+//! that overlapped a change is answered but never kept as current.
 
+mod catalog;
 mod formats;
 mod routes;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
 use serde::Serialize;
-use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use scholia_analytics::queue::{self, QueueState};
-use scholia_analytics::rows::ColumnSpec;
-use scholia_analytics::{Analysis, Registry};
+use scholia_events::analysis::AnalysisMeta;
 use scholia_events::bus::{Delivery, EventFilter};
 use scholia_events::envelope::format_time;
-use scholia_events::{Database, EventBody, LoggedEvent, PartitionKey};
-use scholia_ingest::Shared;
+use scholia_events::status::{BuildState, PRIORITY_LIVE, PartitionStatus, Want};
+use scholia_events::store::{
+    BuildRequest, Claim, Committed, NewAnnotation, QueueState, StoredAnnotation,
+};
+use scholia_events::{EventBody, LoggedEvent, PartitionKey, Result};
+use scholia_http::Core;
 
+pub use catalog::Catalog;
+pub use formats::rows_to_frame;
 pub use routes::router;
 
 /// The most partitions one read may cover.
 pub const MAX_READ_PARTITIONS: usize = 5_000;
 
-/// One stored annotation.
-#[derive(Debug)]
-pub struct Stored {
-    pub version: i64,
-    pub generation: i64,
-    pub computed_at: DateTime<Utc>,
-    pub input_rows: i64,
-    pub input_seq: i64,
-    pub columns: Vec<ColumnSpec>,
-    /// The rows as a JSON array, served without re-serializing.
-    pub rows: Box<RawValue>,
-}
-
 /// What a reader learns about one partition.
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionView {
-    pub partition: String,
-    /// ready, stale, missing, queued, running or failed.
-    pub status: &'static str,
+    pub partition: PartitionKey,
+    pub status: PartitionStatus,
     /// For a stale partition with a rebuild under way: queued or running.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rebuild: Option<&'static str>,
+    pub rebuild: Option<BuildState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub version: Option<i64>,
     pub generation: Option<i64>,
     pub computed_at: Option<String>,
     #[serde(serialize_with = "serialize_rows")]
-    pub rows: Option<Arc<Stored>>,
+    pub rows: Option<Arc<StoredAnnotation>>,
 }
 
 fn serialize_rows<S: serde::Serializer>(
-    rows: &Option<Arc<Stored>>,
+    rows: &Option<Arc<StoredAnnotation>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match rows {
@@ -80,38 +72,44 @@ fn serialize_rows<S: serde::Serializer>(
 
 impl PartitionView {
     pub fn is_ready(&self) -> bool {
-        self.status == "ready"
+        self.status == PartitionStatus::Ready
+    }
+
+    /// Whether nothing is under way that would make it ready: missing, or stale with no
+    /// rebuild queued.
+    pub fn needs_request(&self) -> bool {
+        self.status == PartitionStatus::Missing
+            || (self.status == PartitionStatus::Stale && self.rebuild.is_none())
     }
 }
 
+type StateSnapshot = Arc<HashMap<PartitionKey, QueueState>>;
+
 #[derive(Clone)]
 pub struct AnnotationCache {
-    pub shared: Shared,
-    pub registry: Registry,
-    annotations: Cache<(String, String), Option<Arc<Stored>>>,
-    /// Per analysis, its partitions' queue states, keyed with the `epoch` they were read in.
-    queue_states: Cache<(String, u64), Arc<HashMap<String, QueueState>>>,
-    /// Bumped whenever the bus says something changed. A read that started before a bump
-    /// may have seen the old state, so what it loaded is never cached as current: it is
-    /// filed under its old epoch (queue states) or not kept at all (annotations).
-    epoch: Arc<AtomicU64>,
+    core: Core,
+    catalog: Catalog,
+    annotations: Cache<(String, PartitionKey), Option<Arc<StoredAnnotation>>>,
+    /// Queue states of a range of an analysis, filed under the analysis' epoch.
+    queue_states: Cache<(String, PartitionKey, PartitionKey, u64), StateSnapshot>,
+    /// Per analysis, bumped whenever something about it changes. A read that started
+    /// before a bump may have seen the old state, so what it loaded is filed under its old
+    /// epoch (queue states) or not kept at all (annotations).
+    epochs: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
     changes: broadcast::Sender<Arc<LoggedEvent>>,
 }
 
 impl AnnotationCache {
-    pub fn new(shared: Shared, registry: Registry, max_bytes: u64) -> Self {
+    pub fn new(core: Core, catalog: Catalog, max_bytes: u64) -> Self {
         let annotations = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &(String, String), value: &Option<Arc<Stored>>| {
-                let size = key.0.len()
-                    + key.1.len()
-                    + 64
-                    + value
-                        .as_ref()
-                        .map(|s| s.rows.get().len() + 128)
-                        .unwrap_or(0);
-                u32::try_from(size).unwrap_or(u32::MAX)
-            })
+            .weigher(
+                |key: &(String, PartitionKey), value: &Option<Arc<StoredAnnotation>>| {
+                    let size =
+                        key.0.len() + 96 + value.as_ref().map_or(0, |s| s.rows.get().len() + 128);
+                    u32::try_from(size).unwrap_or(u32::MAX)
+                },
+            )
             // A safety net for an eviction missed while the bus was unreachable.
             .time_to_live(Duration::from_secs(300))
             .build();
@@ -121,17 +119,21 @@ impl AnnotationCache {
             .build();
         let (changes, _) = broadcast::channel(4_096);
         AnnotationCache {
-            shared,
-            registry,
+            core,
+            catalog,
             annotations,
             queue_states,
-            epoch: Arc::new(AtomicU64::new(0)),
+            epochs: Arc::default(),
             changes,
         }
     }
 
-    pub fn db(&self) -> &Database {
-        &self.shared.db
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     /// `analysis.*` events, after this cache has applied them.
@@ -139,9 +141,28 @@ impl AnnotationCache {
         self.changes.subscribe()
     }
 
+    fn epoch(&self, analysis: &str) -> Arc<AtomicU64> {
+        self.epochs
+            .lock()
+            .expect("epochs lock")
+            .entry(analysis.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn bump(&self, analysis: &str) {
+        self.epoch(analysis).fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn bump_all(&self) {
+        for epoch in self.epochs.lock().expect("epochs lock").values() {
+            epoch.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     /// Evict what the bus says changed, then tell local listeners.
-    pub async fn follow_bus(self, shutdown: CancellationToken) -> scholia_events::Result<()> {
-        let mut sub = self.shared.bus.subscribe(EventFilter("*".into())).await?;
+    pub async fn follow_bus(self, shutdown: CancellationToken) -> Result<()> {
+        let mut sub = self.core.bus.subscribe(EventFilter::All).await?;
         loop {
             let delivery = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -151,106 +172,119 @@ impl AnnotationCache {
                 Some(Delivery::Event(event, _)) => self.apply(event).await,
                 Some(Delivery::Lagged) => {
                     tracing::warn!("The cache fell behind the bus; dropping everything it held");
-                    self.epoch.fetch_add(1, Ordering::SeqCst);
+                    self.bump_all();
                     self.annotations.invalidate_all();
                     self.queue_states.invalidate_all();
-                    let _ = self.registry.refresh().await;
+                    if let Err(error) = self.catalog.refresh().await {
+                        tracing::warn!(error = %error, "Cannot reload analyses");
+                    }
                 }
                 None => return Ok(()),
             }
         }
     }
 
-    async fn apply(&self, event: LoggedEvent) {
-        let analysis = match &event.body {
-            EventBody::AnalysisCompleted {
-                analysis,
-                partition,
-                ..
-            } => {
-                self.epoch.fetch_add(1, Ordering::SeqCst);
-                self.annotations
-                    .invalidate(&(analysis.clone(), partition.to_string()))
-                    .await;
-                Some(analysis.clone())
+    /// Refresh the catalog every half minute, in case a registration's event was missed.
+    pub async fn follow_catalog(self, shutdown: CancellationToken) -> Result<()> {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             }
-            EventBody::AnalysisRegistered { analysis, .. } => {
-                let _ = self.registry.refresh().await;
-                Some(analysis.clone())
+            if let Err(error) = self.catalog.refresh().await {
+                tracing::warn!(error = %error, "Cannot reload analyses");
             }
-            EventBody::AnalysisInvalidated { analysis, .. }
-            | EventBody::AnalysisRequested { analysis, .. }
-            | EventBody::AnalysisStarted { analysis, .. }
-            | EventBody::AnalysisFailed { analysis, .. } => Some(analysis.clone()),
-            EventBody::AdminAction { action, .. } if action == "invalidation.cancelled" => {
-                self.epoch.fetch_add(1, Ordering::SeqCst);
-                None
-            }
-            _ => None,
-        };
-        if analysis.is_some() {
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-            let _ = self.changes.send(Arc::new(event));
         }
+    }
+
+    async fn apply(&self, event: Arc<LoggedEvent>) {
+        let Some(analysis) = event.body.analysis() else {
+            if let EventBody::AdminAction { action, .. } = &event.body
+                && action == "invalidation.cancelled"
+            {
+                self.bump_all();
+            }
+            return;
+        };
+        self.bump(analysis);
+        match &event.body {
+            EventBody::AnalysisCompleted { partition, .. } => {
+                self.annotations
+                    .invalidate(&(analysis.to_string(), *partition))
+                    .await;
+            }
+            EventBody::AnalysisRegistered { .. } => {
+                if let Err(error) = self.catalog.refresh().await {
+                    tracing::warn!(error = %error, "Cannot reload analyses");
+                }
+            }
+            _ => {}
+        }
+        let _ = self.changes.send(event);
     }
 
     async fn states(
         &self,
         analysis: &str,
-    ) -> scholia_analytics::Result<Arc<HashMap<String, QueueState>>> {
-        let db = self.shared.db.clone();
+        first: PartitionKey,
+        last: PartitionKey,
+    ) -> Result<StateSnapshot> {
+        let epoch = self.epoch(analysis).load(Ordering::SeqCst);
+        let queue = self.core.store.queue.clone();
         let name = analysis.to_string();
-        let epoch = self.epoch.load(Ordering::SeqCst);
         self.queue_states
-            .try_get_with((analysis.to_string(), epoch), async move {
-                let states = queue::states(&db, &name, "", "\u{10FFFF}").await?;
-                Ok::<_, scholia_analytics::Error>(Arc::new(
-                    states
-                        .into_iter()
-                        .map(|s| (s.partition.clone(), s))
-                        .collect(),
+            .try_get_with((analysis.to_string(), first, last, epoch), async move {
+                let states = queue
+                    .states(&name, &first.to_string(), &last.next().to_string())
+                    .await?;
+                Ok::<_, scholia_events::Error>(Arc::new(
+                    states.into_iter().map(|s| (s.partition, s)).collect(),
                 ))
             })
             .await
-            .map_err(|e| scholia_analytics::Error::Compute(e.to_string()))
+            .map_err(shared_error)
     }
 
     /// Stored annotations of `keys`, from moka or, for the misses, one range query.
-    async fn stored(
+    pub async fn stored(
         &self,
         analysis: &str,
         keys: &[PartitionKey],
-    ) -> scholia_analytics::Result<HashMap<String, Arc<Stored>>> {
-        let mut found = HashMap::new();
+    ) -> Result<BTreeMap<PartitionKey, Arc<StoredAnnotation>>> {
+        let mut found = BTreeMap::new();
         let mut missing = Vec::new();
         for key in keys {
-            let text = key.to_string();
-            match self
-                .annotations
-                .get(&(analysis.to_string(), text.clone()))
-                .await
-            {
+            match self.annotations.get(&(analysis.to_string(), *key)).await {
                 Some(Some(stored)) => {
-                    found.insert(text, stored);
+                    found.insert(*key, stored);
                 }
                 Some(None) => {}
-                None => missing.push(text),
+                None => missing.push(*key),
             }
         }
         if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
-            let epoch = self.epoch.load(Ordering::SeqCst);
-            let loaded = load_range(&self.shared.db, analysis, first, last).await?;
+            let epoch = self.epoch(analysis);
+            let before = epoch.load(Ordering::SeqCst);
+            let loaded: HashMap<PartitionKey, Arc<StoredAnnotation>> = self
+                .core
+                .store
+                .annotations
+                .load(analysis, first, last)
+                .await?
+                .into_iter()
+                .map(|a| (a.partition, Arc::new(a)))
+                .collect();
             // Something changed while this was read: answer with it, but do not keep it.
-            let keep = self.epoch.load(Ordering::SeqCst) == epoch;
+            let keep = epoch.load(Ordering::SeqCst) == before;
             for key in &missing {
                 let value = loaded.get(key).cloned();
                 if keep {
                     self.annotations
-                        .insert((analysis.to_string(), key.clone()), value.clone())
+                        .insert((analysis.to_string(), *key), value.clone())
                         .await;
                 }
                 if let Some(stored) = value {
-                    found.insert(key.clone(), stored);
+                    found.insert(*key, stored);
                 }
             }
         }
@@ -260,81 +294,119 @@ impl AnnotationCache {
     /// Every partition of `[from, to)` with its status and rows.
     pub async fn read(
         &self,
-        analysis: &Arc<dyn Analysis>,
+        meta: &AnalysisMeta,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-    ) -> scholia_analytics::Result<Vec<PartitionView>> {
-        let keys = analysis.partition().partitions_between(from, to);
-        if keys.len() > MAX_READ_PARTITIONS {
-            return Err(scholia_analytics::Error::Invalid(format!(
-                "the range covers {} partitions; ask for at most {MAX_READ_PARTITIONS} at once",
-                keys.len()
-            )));
-        }
-        let states = self.states(analysis.name()).await?;
-        let stored = self.stored(analysis.name(), &keys).await?;
-        let version = analysis.version();
+    ) -> Result<Vec<PartitionView>> {
+        let keys = meta
+            .partition
+            .partitions_between(from, to, MAX_READ_PARTITIONS)
+            .map_err(scholia_events::Error::Invalid)?;
+        let (Some(first), Some(last)) = (keys.first().copied(), keys.last().copied()) else {
+            return Ok(Vec::new());
+        };
+        let states = self.states(&meta.name, first, last).await?;
+        let stored = self.stored(&meta.name, &keys).await?;
         Ok(keys
             .iter()
             .map(|key| {
-                let text = key.to_string();
                 view(
-                    text.clone(),
-                    stored.get(&text).cloned(),
-                    states.get(&text),
-                    version,
+                    *key,
+                    stored.get(key).cloned(),
+                    states.get(key),
+                    meta.version,
                 )
             })
             .collect())
     }
 
-    /// Queue live builds for the partitions that are missing or stale (not those being
-    /// built or failed). Returns the partitions requested.
+    /// Queue live builds for the partitions that are missing or stale with nothing under
+    /// way. Returns the partitions requested. Does not take the log lock.
     pub async fn request_missing(
         &self,
-        analysis: &Arc<dyn Analysis>,
+        meta: &AnalysisMeta,
         views: &[PartitionView],
         actor: &str,
-    ) -> scholia_analytics::Result<Vec<PartitionKey>> {
+    ) -> Result<Vec<PartitionKey>> {
         let wanted: Vec<PartitionKey> = views
             .iter()
-            .filter(|v| (v.status == "missing" || v.status == "stale") && v.rebuild.is_none())
-            .filter_map(|v| PartitionKey::parse(&v.partition).ok())
+            .filter(|v| v.needs_request())
+            .map(|v| v.partition)
             .collect();
-        if !wanted.is_empty() {
-            queue::request_now(
-                &self.shared.db,
-                analysis.name(),
-                analysis.version(),
-                &wanted,
-                queue::Want::Present,
-                Duration::ZERO,
-                actor,
-            )
-            .await?;
-            self.epoch.fetch_add(1, Ordering::SeqCst);
+        if wanted.is_empty() {
+            return Ok(wanted);
         }
-        Ok(wanted)
+        let requested = self
+            .core
+            .store
+            .queue
+            .request(BuildRequest {
+                analysis: meta.name.clone(),
+                version: meta.version,
+                partitions: wanted,
+                priority: PRIORITY_LIVE,
+                want: Want::Present,
+                not_before: Utc::now(),
+                actor: actor.to_string(),
+                log: false,
+            })
+            .await?;
+        self.bump(&meta.name);
+        Ok(requested)
+    }
+
+    /// Store a build's annotation (analytics calls this), and forget what this process
+    /// had cached of the partition at once, before the bus says so.
+    pub async fn commit(&self, claim: &Claim, annotation: &NewAnnotation) -> Result<Committed> {
+        let committed = self
+            .core
+            .store
+            .annotations
+            .commit(claim, annotation)
+            .await?;
+        self.bump(&claim.analysis);
+        self.annotations
+            .invalidate(&(claim.analysis.clone(), claim.partition))
+            .await;
+        Ok(committed)
+    }
+}
+
+impl axum::extract::FromRef<AnnotationCache> for Core {
+    fn from_ref(cache: &AnnotationCache) -> Core {
+        cache.core.clone()
+    }
+}
+
+/// moka shares the error of a failed load among the waiters: keep its classification.
+fn shared_error(error: Arc<scholia_events::Error>) -> scholia_events::Error {
+    match Arc::try_unwrap(error) {
+        Ok(error) => error,
+        Err(shared) if shared.is_transient() => {
+            scholia_events::Error::unavailable("the database", shared.to_string())
+        }
+        Err(shared) => scholia_events::Error::internal("reading the cache", shared),
     }
 }
 
 fn view(
-    partition: String,
-    stored: Option<Arc<Stored>>,
+    partition: PartitionKey,
+    stored: Option<Arc<StoredAnnotation>>,
     state: Option<&QueueState>,
     version: i64,
 ) -> PartitionView {
-    let queue_state = state.map(|s| s.state.as_str());
+    use PartitionStatus as S;
+    let queue_state = state.map(|s| s.state);
     let (status, rebuild, error) = match (&stored, queue_state) {
-        (_, Some("failed")) => ("failed", None, state.and_then(|s| s.error.clone())),
-        (None, Some("queued")) => ("queued", None, None),
-        (None, Some("running")) => ("running", None, None),
-        (None, _) => ("missing", None, None),
-        (Some(_), Some("queued")) => ("stale", Some("queued"), None),
-        (Some(_), Some("running")) => ("stale", Some("running"), None),
-        (Some(_), Some(_)) => ("stale", None, None),
-        (Some(s), None) if s.version != version => ("stale", None, None),
-        (Some(_), None) => ("ready", None, None),
+        (_, Some(BuildState::Failed)) => (S::Failed, None, state.and_then(|s| s.error.clone())),
+        (None, Some(BuildState::Queued)) => (S::Queued, None, None),
+        (None, Some(BuildState::Running)) => (S::Running, None, None),
+        (None, _) => (S::Missing, None, None),
+        (Some(_), Some(BuildState::Queued)) => (S::Stale, Some(BuildState::Queued), None),
+        (Some(_), Some(BuildState::Running)) => (S::Stale, Some(BuildState::Running), None),
+        (Some(_), Some(BuildState::Stale)) => (S::Stale, None, None),
+        (Some(s), None) if s.version != version => (S::Stale, None, None),
+        (Some(_), None) => (S::Ready, None, None),
     };
     PartitionView {
         partition,
@@ -346,54 +418,4 @@ fn view(
         computed_at: stored.as_ref().map(|s| format_time(s.computed_at)),
         rows: stored,
     }
-}
-
-type AnnotationRow = (String, i64, i64, DateTime<Utc>, i64, i64, String, String);
-
-async fn load_range(
-    db: &Database,
-    analysis: &str,
-    first: &str,
-    last: &str,
-) -> scholia_analytics::Result<HashMap<String, Arc<Stored>>> {
-    let sql = "SELECT partition, version, generation, computed_at, input_rows, input_seq, columns, rows \
-               FROM annotations WHERE analysis = $1 AND partition >= $2 AND partition <= $3";
-    let rows: Vec<AnnotationRow> = match db {
-        Database::Postgres(pg) => {
-            sqlx::query_as(sql)
-                .bind(analysis)
-                .bind(first)
-                .bind(last)
-                .fetch_all(&pg.pool)
-                .await?
-        }
-        Database::Sqlite(d) => {
-            sqlx::query_as(sql)
-                .bind(analysis)
-                .bind(first)
-                .bind(last)
-                .fetch_all(&d.pool)
-                .await?
-        }
-    };
-    let mut out = HashMap::with_capacity(rows.len());
-    for (partition, version, generation, computed_at, input_rows, input_seq, columns, rows) in rows
-    {
-        let rows = RawValue::from_string(rows)
-            .map_err(|e| scholia_analytics::Error::Compute(e.to_string()))?;
-        let columns = serde_json::from_str(&columns).unwrap_or_default();
-        out.insert(
-            partition,
-            Arc::new(Stored {
-                version,
-                generation,
-                computed_at,
-                input_rows,
-                input_seq,
-                columns,
-                rows,
-            }),
-        );
-    }
-    Ok(out)
 }

@@ -1,58 +1,50 @@
-use std::fmt;
+//! The one error type of the shared layer, classified where it is raised: what a caller
+//! should do about an error follows from its variant, never from its text.
 
-/// Errors raised by the shared layer: database, bus and decoding failures.
+/// Errors raised by stores, buses and the shared vocabulary.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("database error while {context}: {source}")]
-    Database {
+    /// A backing service (the database, the bus) cannot be reached or is restarting.
+    /// Transient: the same request may succeed shortly.
+    #[error("{what} is unavailable ({detail})")]
+    Unavailable { what: &'static str, detail: String },
+    /// The request, definition or value is not acceptable. Retrying will not help.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request contradicts what is stored (an existing name, a finished invalidation).
+    #[error("{0}")]
+    Conflict(String),
+    /// Something that should not fail did: a bug, stored data that does not decode, a
+    /// reply nobody expected. Retrying will not help either.
+    #[error("{context}: {detail}")]
+    Internal {
         context: &'static str,
-        #[source]
-        source: sqlx::Error,
+        detail: String,
     },
-    #[error("migration failed: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
-    #[error("bus error: {0}")]
-    Bus(String),
-    #[error("a backing service is unavailable: {0}")]
-    Unavailable(String),
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("could not decode {what}: {detail}")]
-    Decode { what: &'static str, detail: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn bus(error: impl fmt::Display) -> Self {
-        Error::Bus(error.to_string())
-    }
-
-    /// True when the failure is about reaching a service (worth retrying later) rather
-    /// than about the request itself.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            Error::Database { source, .. } => matches!(
-                source,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-                    | sqlx::Error::Tls(_)
-            ),
-            Error::Bus(_) | Error::Unavailable(_) => true,
-            _ => false,
+    pub fn unavailable(what: &'static str, detail: impl std::fmt::Display) -> Self {
+        Error::Unavailable {
+            what,
+            detail: detail.to_string(),
         }
     }
-}
 
-/// Attach a short description of what was being done to a sqlx error.
-pub trait DbContext<T> {
-    fn context(self, context: &'static str) -> Result<T>;
-}
+    pub fn internal(context: &'static str, detail: impl std::fmt::Display) -> Self {
+        Error::Internal {
+            context,
+            detail: detail.to_string(),
+        }
+    }
 
-impl<T> DbContext<T> for std::result::Result<T, sqlx::Error> {
-    fn context(self, context: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Database { context, source })
+    /// True when retrying later may succeed: the failure was about reaching a service,
+    /// not about the request.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
     }
 }

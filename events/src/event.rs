@@ -1,14 +1,88 @@
-//! Event types of the append-only log. Each has a stable `type` name, which is also the
-//! last part of its bus subject (`<prefix>.<type>`).
+//! Event types of the append-only log. Each has a stable type name ([`EventType`]),
+//! which is also the last part of its bus subject (`<prefix>.<type>`).
+//!
+//! Events stay small whatever they are about: partitions travel as runs of consecutive
+//! keys ([`PartitionRun`]), and writers split an event whose runs would not fit
+//! ([`MAX_RUNS`]), so that no event exceeds the bus's payload limit.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::partition::PartitionKey;
+use crate::analysis::Input;
+use crate::partition::{Granularity, PartitionKey, PartitionRun};
+use crate::status::Rebuild;
+
+/// The most partition runs one event carries; more are split over several events.
+/// A run is at most about 60 bytes of JSON, so an event stays well under 256 KiB.
+pub const MAX_RUNS: usize = 2_000;
+
+/// The type of an event: its name in the log and on the bus, in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventType {
+    #[serde(rename = "source.ingested")]
+    SourceIngested,
+    #[serde(rename = "analysis.registered")]
+    AnalysisRegistered,
+    #[serde(rename = "analysis.invalidated")]
+    AnalysisInvalidated,
+    #[serde(rename = "analysis.requested")]
+    AnalysisRequested,
+    #[serde(rename = "analysis.started")]
+    AnalysisStarted,
+    #[serde(rename = "analysis.completed")]
+    AnalysisCompleted,
+    #[serde(rename = "analysis.failed")]
+    AnalysisFailed,
+    #[serde(rename = "schedule.fired")]
+    ScheduleFired,
+    #[serde(rename = "admin.action")]
+    AdminAction,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 9] = [
+        EventType::SourceIngested,
+        EventType::AnalysisRegistered,
+        EventType::AnalysisInvalidated,
+        EventType::AnalysisRequested,
+        EventType::AnalysisStarted,
+        EventType::AnalysisCompleted,
+        EventType::AnalysisFailed,
+        EventType::ScheduleFired,
+        EventType::AdminAction,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::SourceIngested => "source.ingested",
+            EventType::AnalysisRegistered => "analysis.registered",
+            EventType::AnalysisInvalidated => "analysis.invalidated",
+            EventType::AnalysisRequested => "analysis.requested",
+            EventType::AnalysisStarted => "analysis.started",
+            EventType::AnalysisCompleted => "analysis.completed",
+            EventType::AnalysisFailed => "analysis.failed",
+            EventType::ScheduleFired => "schedule.fired",
+            EventType::AdminAction => "admin.action",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// The part before the dot: `source`, `analysis`, `schedule` or `admin`.
+    pub fn family(self) -> &'static str {
+        self.as_str()
+            .split('.')
+            .next()
+            .expect("names have a family")
+    }
+}
 
 /// What happened. Serialized with its `type` beside the fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type")]
 pub enum EventBody {
     /// A batch of records of one kind was committed.
@@ -16,32 +90,37 @@ pub enum EventBody {
     SourceIngested {
         kind: String,
         count: u64,
-        /// The hours (`2024-05-05T13`) the batch touched; days follow from them.
-        hours: Vec<PartitionKey>,
+        /// The hours (`2024-05-05T13`) the batch touched, as runs; days follow from them.
+        hours: Vec<PartitionRun>,
     },
     #[serde(rename = "analysis.registered")]
     AnalysisRegistered {
         analysis: String,
         version: i64,
+        /// The first kind it reads, or empty when it reads only other analyses.
         kind: String,
-        partition: String,
+        partition: Granularity,
+        #[serde(default)]
+        inputs: Vec<Input>,
     },
     #[serde(rename = "analysis.invalidated")]
     AnalysisInvalidated {
         invalidation: Uuid,
         analysis: String,
+        #[schema(value_type = String, format = DateTime)]
         from: DateTime<Utc>,
+        #[schema(value_type = String, format = DateTime)]
         to: DateTime<Utc>,
         reason: String,
-        rebuild: String,
-        partitions: Vec<PartitionKey>,
+        rebuild: Rebuild,
+        partitions: Vec<PartitionRun>,
     },
     /// Builds were queued for these partitions.
     #[serde(rename = "analysis.requested")]
     AnalysisRequested {
         analysis: String,
         version: i64,
-        partitions: Vec<PartitionKey>,
+        partitions: Vec<PartitionRun>,
         priority: i32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         invalidation: Option<Uuid>,
@@ -81,7 +160,9 @@ pub enum EventBody {
     ScheduleFired {
         schedule: String,
         analysis: String,
+        #[schema(value_type = String, format = DateTime)]
         from: DateTime<Utc>,
+        #[schema(value_type = String, format = DateTime)]
         to: DateTime<Utc>,
     },
     /// Admin actions that change configuration rather than data.
@@ -89,23 +170,36 @@ pub enum EventBody {
     AdminAction {
         action: String,
         target: String,
+        #[schema(value_type = Object)]
         detail: serde_json::Value,
     },
 }
 
 impl EventBody {
-    /// The event's type name, as written in the log and in bus subjects.
-    pub fn type_name(&self) -> &'static str {
+    pub fn event_type(&self) -> EventType {
         match self {
-            EventBody::SourceIngested { .. } => "source.ingested",
-            EventBody::AnalysisRegistered { .. } => "analysis.registered",
-            EventBody::AnalysisInvalidated { .. } => "analysis.invalidated",
-            EventBody::AnalysisRequested { .. } => "analysis.requested",
-            EventBody::AnalysisStarted { .. } => "analysis.started",
-            EventBody::AnalysisCompleted { .. } => "analysis.completed",
-            EventBody::AnalysisFailed { .. } => "analysis.failed",
-            EventBody::ScheduleFired { .. } => "schedule.fired",
-            EventBody::AdminAction { .. } => "admin.action",
+            EventBody::SourceIngested { .. } => EventType::SourceIngested,
+            EventBody::AnalysisRegistered { .. } => EventType::AnalysisRegistered,
+            EventBody::AnalysisInvalidated { .. } => EventType::AnalysisInvalidated,
+            EventBody::AnalysisRequested { .. } => EventType::AnalysisRequested,
+            EventBody::AnalysisStarted { .. } => EventType::AnalysisStarted,
+            EventBody::AnalysisCompleted { .. } => EventType::AnalysisCompleted,
+            EventBody::AnalysisFailed { .. } => EventType::AnalysisFailed,
+            EventBody::ScheduleFired { .. } => EventType::ScheduleFired,
+            EventBody::AdminAction { .. } => EventType::AdminAction,
+        }
+    }
+
+    /// The analysis the event is about, for `analysis.*` events.
+    pub fn analysis(&self) -> Option<&str> {
+        match self {
+            EventBody::AnalysisRegistered { analysis, .. }
+            | EventBody::AnalysisInvalidated { analysis, .. }
+            | EventBody::AnalysisRequested { analysis, .. }
+            | EventBody::AnalysisStarted { analysis, .. }
+            | EventBody::AnalysisCompleted { analysis, .. }
+            | EventBody::AnalysisFailed { analysis, .. } => Some(analysis),
+            _ => None,
         }
     }
 }
@@ -124,12 +218,35 @@ impl NewEvent {
             body,
         }
     }
+
+    /// An admin action, as the audit trail records it.
+    pub fn admin(
+        actor: impl Into<String>,
+        action: &str,
+        target: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> Self {
+        NewEvent::new(
+            actor,
+            EventBody::AdminAction {
+                action: action.to_string(),
+                target: target.into(),
+                detail,
+            },
+        )
+    }
+}
+
+/// `runs` in pieces of at most [`MAX_RUNS`], for events that list them.
+pub fn run_pieces(runs: &[PartitionRun]) -> impl Iterator<Item = Vec<PartitionRun>> + '_ {
+    runs.chunks(MAX_RUNS).map(<[PartitionRun]>::to_vec)
 }
 
 /// An event as committed to the log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LoggedEvent {
     pub seq: i64,
+    #[schema(value_type = String, format = DateTime)]
     pub at: DateTime<Utc>,
     pub actor: String,
     #[serde(flatten)]
@@ -139,6 +256,7 @@ pub struct LoggedEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partition::runs;
 
     #[test]
     fn an_event_carries_its_type_beside_its_fields() {
@@ -149,7 +267,7 @@ mod tests {
             body: EventBody::SourceIngested {
                 kind: "generation".into(),
                 count: 3,
-                hours: vec![PartitionKey::parse("2024-05-05T13").unwrap()],
+                hours: runs([PartitionKey::parse("2024-05-05T13").unwrap()]),
             },
         };
         let json = serde_json::to_value(&event).unwrap();
@@ -157,6 +275,22 @@ mod tests {
         assert_eq!(json["hours"][0], "2024-05-05T13");
         let back: LoggedEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, event);
-        assert_eq!(back.body.type_name(), "source.ingested");
+        assert_eq!(back.body.event_type().as_str(), "source.ingested");
+    }
+
+    #[test]
+    fn every_type_name_is_the_serialized_tag() {
+        for ty in EventType::ALL {
+            let tag = serde_json::to_value(ty).unwrap();
+            assert_eq!(tag, ty.as_str());
+            assert_eq!(EventType::parse(ty.as_str()), Some(ty));
+        }
+        let body = EventBody::AdminAction {
+            action: "x".into(),
+            target: "y".into(),
+            detail: serde_json::Value::Null,
+        };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(json["type"], body.event_type().as_str());
     }
 }

@@ -1,27 +1,37 @@
 //! The shared vocabulary of Scholia: the record envelope, the event types, partition
-//! keys, the SQL database handle with its migrations, the append-only event log, and the
-//! bus that fans the log out (NATS JetStream or in-process).
+//! keys, kind schemas, statuses, what every component knows of an analysis; the store
+//! traits (one per aggregate, implemented for PostgreSQL and SQLite by `scholia-store`);
+//! the bus that fans the log out (NATS JetStream or in-process); the relay between them;
+//! the supervisor of long-lived tasks; and metrics. It knows nothing of HTTP, SQL
+//! drivers or Polars.
 //!
-//! Concurrency model: the event log is the single source of truth. Writers append to it
-//! inside their own SQL transaction (one writer at a time per database, so `seq` order is
-//! commit order); a single relay task per deployment reads committed events in `seq` order
-//! and publishes them to the bus (transactional outbox). Bus consumers must therefore be
-//! idempotent: the relay may publish an event twice after a crash.
+//! Concurrency model: the event log in SQL is the single source of truth. Writers append
+//! to it inside their own transaction, under the deployment's log lock, so `seq` order is
+//! commit order; a single relay per deployment reads committed events in `seq` order and
+//! publishes them to the bus (transactional outbox). Bus consumers are idempotent, since
+//! the relay may publish an event twice after a crash, and never rely on the bus alone:
+//! a lost message delays work, and SQL repairs it.
 
-pub mod auth;
+pub mod analysis;
 pub mod bus;
-pub mod db;
+pub mod duration;
 pub mod envelope;
 pub mod error;
 pub mod event;
-pub mod log;
 pub mod metrics;
+mod openapi;
 pub mod partition;
 pub mod relay;
+pub mod schema;
+pub mod status;
+pub mod store;
+pub mod tasks;
+pub mod token;
 
-pub use bus::{Bus, Delivery, Subscription};
-pub use db::Database;
+pub use analysis::{AnalysisMeta, ColumnSpec, Input, InputSource};
+pub use bus::{Bus, Delivery, EventFilter, Subscription};
 pub use envelope::{Envelope, StoredEnvelope};
 pub use error::{Error, Result};
-pub use event::{EventBody, LoggedEvent, NewEvent};
-pub use partition::{Granularity, PartitionKey};
+pub use event::{EventBody, EventType, LoggedEvent, NewEvent};
+pub use partition::{Granularity, PartitionKey, PartitionRun};
+pub use store::Store;

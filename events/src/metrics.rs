@@ -1,5 +1,6 @@
 //! A small metrics registry rendered in the Prometheus text format. Counters and gauges
-//! are atomics; histograms have fixed buckets. Names are registered once at start.
+//! are atomics; histograms have fixed buckets. A name is registered the first time it is
+//! asked for, and the same metric is returned on every later call.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -1,214 +1,167 @@
 //! The relay: publishes committed log events to the bus, in `seq` order (the outbox).
 //!
-//! One relay publishes per deployment at a time: on PostgreSQL the leader holds a
-//! session advisory lock, and others stand by. The position reached is kept in SQL
-//! (`relay_cursor`), so after a crash or a NATS outage the relay resumes where the bus
-//! last acknowledged, and the bus deduplicates what it publishes twice.
+//! One relay publishes per deployment at a time: the leader holds the store's relay lease
+//! (an advisory lock on PostgreSQL), and others stand by. Where the bus keeps events for
+//! consumers in other processes (NATS), the position reached is kept in SQL, so after a
+//! crash or an outage the relay resumes where the bus last acknowledged, and the bus
+//! deduplicates what it publishes twice. The in-process bus has no consumers from before
+//! this process, so its relay starts at the log head; what those consumers would have
+//! done with older events, the reconciler does from SQL.
+//!
+//! An event the bus can never take (larger than its payload limit) is skipped and
+//! reported (a metric, a log line, `/readyz` degraded): it is in SQL all the same, and the
+//! events after it must not wait behind it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
-use crate::db::{Database, LOG_CHANNEL};
-use crate::error::{DbContext, Result};
-use crate::log;
+use crate::error::Result;
+use crate::store::{EventLog, Leadership};
 
-const RELAY_LOCK_KEY: i64 = 0x05C4_011B;
-const BATCH: i64 = 1_000;
+const BATCH: usize = 1_000;
+/// How often a leader checks that it still holds its lease.
+const LEADERSHIP_CHECK: Duration = Duration::from_secs(5);
+/// How long a skipped event keeps `/readyz` degraded.
+const DEGRADED_FOR: Duration = Duration::from_secs(15 * 60);
 
-/// What the relay has done, for metrics and tests.
+/// What the relay has done, for metrics and `/readyz`.
 #[derive(Debug, Default)]
 pub struct RelayStatus {
-    /// The highest `seq` the bus has acknowledged.
+    /// The highest `seq` the bus has acknowledged (or skipped).
     pub published_seq: AtomicI64,
-    /// How many publish attempts failed since start.
-    pub failures: AtomicI64,
+    /// Publish attempts that failed and were retried.
+    pub failures: AtomicU64,
+    /// Events the bus could never take, skipped.
+    pub skipped: AtomicU64,
+    last_skipped: Mutex<Option<(Instant, String)>>,
+}
+
+impl RelayStatus {
+    /// The last skipped event, while it is recent enough to report.
+    pub fn recent_skip(&self) -> Option<String> {
+        self.last_skipped
+            .lock()
+            .expect("relay status lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < DEGRADED_FOR)
+            .map(|(_, message)| message.clone())
+    }
 }
 
 pub struct Relay {
-    db: Database,
+    log: Arc<dyn EventLog>,
     bus: Arc<dyn Bus>,
-    /// Where the cursor of this bus is kept; `None` to start from the log head (an
-    /// in-process bus has no consumers from before this process).
+    /// Where this bus's position is kept; `None` to start from the log head.
     cursor_name: Option<String>,
-    pub status: Arc<RelayStatus>,
+    status: Arc<RelayStatus>,
 }
 
 impl Relay {
-    pub fn new(db: Database, bus: Arc<dyn Bus>, cursor_name: Option<String>) -> Self {
+    pub fn new(log: Arc<dyn EventLog>, bus: Arc<dyn Bus>, cursor_name: Option<String>) -> Self {
         Relay {
-            db,
+            log,
             bus,
             cursor_name,
             status: Arc::new(RelayStatus::default()),
         }
     }
 
-    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+    pub fn status(&self) -> Arc<RelayStatus> {
+        self.status.clone()
+    }
+
+    /// Lead when possible, publish until shut down. Errors end the run (the supervisor
+    /// restarts it); a lost database connection is one.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         loop {
-            // On PostgreSQL, hold the relay lock on a connection of our own.
-            let leader = match &self.db {
-                Database::Postgres(pg) => {
-                    let mut conn = tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        conn = pg.pool.acquire() => match conn {
-                            Ok(conn) => conn.detach(),
-                            Err(error) => {
-                                tracing::warn!(error = %error, "Relay cannot reach the database; retrying");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                continue;
-                            }
-                        },
-                    };
-                    let got: std::result::Result<bool, _> =
-                        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                            .bind(RELAY_LOCK_KEY)
-                            .fetch_one(&mut conn)
-                            .await;
-                    match got {
-                        Ok(true) => Some(conn),
-                        Ok(false) => {
-                            drop(conn);
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return Ok(()),
-                                _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(error = %error, "Relay cannot take its lock; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                    }
-                }
-                Database::Sqlite(_) => None,
+            let leadership = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                leadership = self.log.lead_relay() => leadership?,
             };
-            match self.lead(&shutdown).await {
-                Ok(()) => return Ok(()),
-                Err(error) => {
-                    drop(leader);
-                    tracing::warn!(error = %error, "Relay stopped on an error; restarting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            match leadership {
+                Some(leadership) => {
+                    self.lead(leadership, &shutdown).await?;
+                    if shutdown.is_cancelled() {
+                        return Ok(());
                     }
                 }
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                },
             }
         }
     }
 
-    async fn lead(&self, shutdown: &CancellationToken) -> Result<()> {
+    async fn lead(
+        &self,
+        mut leadership: Box<dyn Leadership>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let mut cursor = match &self.cursor_name {
-            Some(name) => self.load_cursor(name).await?,
-            None => log::head(&self.db).await?,
+            Some(name) => self.log.relay_cursor(name).await?.unwrap_or(0),
+            None => self.log.head().await?,
         };
         self.status.published_seq.store(cursor, Ordering::Relaxed);
-        let mut listener = match &self.db {
-            Database::Postgres(pg) => {
-                let mut listener = PgListener::connect_with(&pg.pool)
-                    .await
-                    .context("listening for log events")?;
-                listener
-                    .listen(LOG_CHANNEL)
-                    .await
-                    .context("listening for log events")?;
-                Some(listener)
-            }
-            Database::Sqlite(_) => None,
-        };
-        let local = self.db.log_appended();
+        let mut watch = self.log.watch().await?;
         let mut backoff = Duration::from_millis(100);
+        let mut checked = Instant::now();
         tracing::info!(
             bus = self.bus.name(),
             after = cursor,
             "Relay publishing the event log"
         );
         loop {
-            // Register interest before reading, so a commit in between still wakes us.
-            let notified = local.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let events = log::read_after(&self.db, cursor, BATCH).await?;
+            if checked.elapsed() > LEADERSHIP_CHECK {
+                if !leadership.holds().await {
+                    tracing::warn!("The relay lost its lease; standing by");
+                    return Ok(());
+                }
+                checked = Instant::now();
+            }
+            let events = self.log.read_after(cursor, BATCH).await?;
             if events.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = &mut notified => {}
-                    _ = async {
-                        match listener.as_mut() {
-                            Some(listener) => { let _ = listener.try_recv().await; }
-                            None => std::future::pending::<()>().await,
-                        }
-                    } => {}
+                    _ = watch.changed() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
             }
-            let (published, result) = self.bus.publish(&events).await;
-            if published > 0 {
-                cursor = events[published - 1].seq;
+            let published = self.bus.publish(&events).await;
+            let mut reached = (published.count > 0).then(|| events[published.count - 1].seq);
+            match published.error {
+                None => backoff = Duration::from_millis(100),
+                Some(error) if !error.transient => {
+                    self.status.skipped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(seq = error.seq, error = %error.message, "The bus cannot take this event; it stays in the log and the relay moves past it");
+                    *self.status.last_skipped.lock().expect("relay status lock") =
+                        Some((Instant::now(), error.message));
+                    reached = Some(error.seq);
+                }
+                Some(error) => {
+                    let failures = self.status.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if failures % 20 == 1 {
+                        tracing::warn!(error = %error.message, pending_after = cursor, "The bus refused events; they stay in the log and will be retried");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            if let Some(seq) = reached {
+                cursor = seq;
                 self.status.published_seq.store(cursor, Ordering::Relaxed);
                 if let Some(name) = &self.cursor_name {
-                    self.save_cursor(name, cursor).await?;
+                    self.log.save_relay_cursor(name, cursor).await?;
                 }
             }
-            if let Err(error) = result {
-                let failures = self.status.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if failures % 20 == 1 {
-                    tracing::warn!(error = %error, pending_after = cursor, "Bus refused events; they stay in the log and will be retried");
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            } else {
-                backoff = Duration::from_millis(100);
-            }
         }
-    }
-
-    async fn load_cursor(&self, name: &str) -> Result<i64> {
-        let sql = "SELECT seq FROM relay_cursor WHERE name = $1";
-        let seq: Option<i64> = match &self.db {
-            Database::Sqlite(db) => {
-                sqlx::query_scalar(sql)
-                    .bind(name)
-                    .fetch_optional(&db.pool)
-                    .await
-            }
-            Database::Postgres(pg) => {
-                sqlx::query_scalar(sql)
-                    .bind(name)
-                    .fetch_optional(&pg.pool)
-                    .await
-            }
-        }
-        .context("reading the relay cursor")?;
-        Ok(seq.unwrap_or(0))
-    }
-
-    async fn save_cursor(&self, name: &str, seq: i64) -> Result<()> {
-        let sql = "INSERT INTO relay_cursor (name, seq) VALUES ($1, $2) \
-                   ON CONFLICT (name) DO UPDATE SET seq = excluded.seq";
-        match &self.db {
-            Database::Sqlite(db) => sqlx::query(sql)
-                .bind(name)
-                .bind(seq)
-                .execute(&db.pool)
-                .await
-                .map(|_| ()),
-            Database::Postgres(pg) => sqlx::query(sql)
-                .bind(name)
-                .bind(seq)
-                .execute(&pg.pool)
-                .await
-                .map(|_| ()),
-        }
-        .context("saving the relay cursor")?;
-        Ok(())
     }
 }

@@ -1,5 +1,8 @@
-//! Turning a request body into envelopes: one JSON object, a JSON array, or NDJSON.
-//! Each item is judged on its own, so one bad line never costs the good ones.
+//! Turning a request body into records: one JSON object, a JSON array, or NDJSON. Each
+//! item is judged on its own, so one bad line never costs the good ones; both backends
+//! accept and refuse exactly the same records, because every check is here.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
@@ -7,13 +10,16 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use scholia_events::Envelope;
-
-use crate::kinds::KindSpec;
+use scholia_events::envelope::accepted_time;
+use scholia_events::schema::KindSchema;
+use scholia_events::store::{NewRecord, Rejected};
 
 /// The deepest nesting accepted inside `data`.
 pub const MAX_JSON_DEPTH: usize = 32;
 /// The longest `kind` or `source` accepted.
 const MAX_NAME_LEN: usize = 200;
+/// The longest field name accepted inside `data`.
+const MAX_FIELD_NAME_LEN: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
@@ -30,50 +36,48 @@ pub struct Defaults {
     pub source: Option<String>,
 }
 
-/// One item of a batch that cannot be accepted.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejected {
-    /// 1-based: the line of an NDJSON body, or the position in a JSON array.
-    pub line: usize,
-    pub raw: String,
-    pub error: String,
-    pub kind: Option<String>,
-    pub source: Option<String>,
-    pub data_id: Option<Uuid>,
-}
-
 #[derive(Debug, Default)]
 pub struct Parsed {
-    /// Envelopes with their line numbers.
-    pub envelopes: Vec<(usize, Envelope)>,
+    pub records: Vec<NewRecord>,
     pub rejected: Vec<Rejected>,
-    /// How many items were valid JSON (whether or not they were valid envelopes).
-    pub json_items: usize,
+    /// The schema of each kind before this body, as the records were checked against it.
+    pub schemas: BTreeMap<String, KindSchema>,
 }
 
-/// Split and parse a body. `Err` means nothing in it was JSON at all.
+/// Split and parse a body, checking each record against its kind's schema (`schema_of`,
+/// learning as it goes, so that one body cannot give a field two types). `Err` means
+/// nothing in the body was JSON at all.
 pub fn parse_body(
     body: &[u8],
     format: BodyFormat,
     defaults: &Defaults,
     now: DateTime<Utc>,
-    kind_spec: &dyn Fn(&str) -> Option<KindSpec>,
+    schema_of: &dyn Fn(&str) -> KindSchema,
 ) -> Result<Parsed, String> {
-    let text =
-        std::str::from_utf8(body).map_err(|e| format!("The body is not UTF-8 text ({e})."))?;
-    let mut items: Vec<(usize, &str)> = Vec::new();
+    let mut items: Vec<(usize, Result<&str, String>)> = Vec::new();
     match format {
         BodyFormat::Ndjson => {
-            for (i, line) in text.split('\n').enumerate() {
-                let line = line.trim_end_matches('\r');
-                if !line.trim().is_empty() {
-                    items.push((i + 1, line));
+            for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
                 }
+                let text = std::str::from_utf8(line).map_err(|e| {
+                    format!(
+                        "not UTF-8 text ({e}); {}",
+                        String::from_utf8_lossy(line)
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    )
+                });
+                items.push((i + 1, text));
             }
         }
         BodyFormat::Json => {
-            let trimmed = text.trim_start();
-            if trimmed.starts_with('[') {
+            let text = std::str::from_utf8(body)
+                .map_err(|e| format!("The body is not UTF-8 text ({e})."))?;
+            if text.trim_start().starts_with('[') {
                 let array: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
                     format!("The body is not a valid JSON array ({e}); send NDJSON (Content-Type: application/x-ndjson) to have good lines kept when some are bad.")
                 })?;
@@ -81,10 +85,10 @@ pub fn parse_body(
                     array
                         .into_iter()
                         .enumerate()
-                        .map(|(i, raw)| (i + 1, raw.get())),
+                        .map(|(i, raw)| (i + 1, Ok(raw.get()))),
                 );
             } else {
-                items.push((1, text));
+                items.push((1, Ok(text)));
             }
         }
     }
@@ -92,7 +96,17 @@ pub fn parse_body(
         return Err("The body holds no records.".into());
     }
     let mut parsed = Parsed::default();
+    let mut learned: BTreeMap<String, KindSchema> = BTreeMap::new();
+    let mut json_items = 0;
     for (line, raw) in items {
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(error) => {
+                let text = error.split_once("; ").map_or("", |(_, t)| t).to_string();
+                parsed.rejected.push(reject(line, &text, error, None));
+                continue;
+            }
+        };
         let value: Value = match serde_json::from_str(raw) {
             Ok(value) => value,
             Err(e) => {
@@ -102,13 +116,39 @@ pub fn parse_body(
                 continue;
             }
         };
-        parsed.json_items += 1;
-        match to_envelope(value, defaults, now, kind_spec) {
-            Ok(envelope) => parsed.envelopes.push((line, envelope)),
-            Err((error, partial)) => parsed.rejected.push(reject(line, raw, error, partial)),
+        json_items += 1;
+        let (envelope, created_given) = match to_envelope(value, defaults, now) {
+            Ok(ok) => ok,
+            Err((error, partial)) => {
+                parsed
+                    .rejected
+                    .push(reject(line, raw, error, Some(partial)));
+                continue;
+            }
+        };
+        let schema = learned.entry(envelope.kind.clone()).or_insert_with(|| {
+            let schema = schema_of(&envelope.kind);
+            parsed.schemas.insert(envelope.kind.clone(), schema.clone());
+            schema
+        });
+        if let Err(error) = schema.check(&envelope.data) {
+            let partial = Partial::of(&envelope);
+            parsed
+                .rejected
+                .push(reject(line, raw, error, Some(partial)));
+            continue;
         }
+        schema.learn(&envelope.data);
+        let data_json = envelope.data_json();
+        let digest = envelope.digest_with(&data_json, created_given);
+        parsed.records.push(NewRecord {
+            line,
+            envelope,
+            data_json,
+            digest,
+        });
     }
-    if parsed.json_items == 0 {
+    if json_items == 0 {
         let first = &parsed.rejected[0];
         return Err(format!(
             "Nothing in the body is JSON (line {}: {}). Send one envelope, a JSON array, or one envelope per line as application/x-ndjson.",
@@ -118,18 +158,25 @@ pub fn parse_body(
     Ok(parsed)
 }
 
+#[derive(Default)]
 struct Partial {
     kind: Option<String>,
     source: Option<String>,
     data_id: Option<Uuid>,
 }
 
+impl Partial {
+    fn of(envelope: &Envelope) -> Self {
+        Partial {
+            kind: Some(envelope.kind.clone()),
+            source: Some(envelope.source.clone()),
+            data_id: Some(envelope.data_id),
+        }
+    }
+}
+
 fn reject(line: usize, raw: &str, error: String, partial: Option<Partial>) -> Rejected {
-    let partial = partial.unwrap_or(Partial {
-        kind: None,
-        source: None,
-        data_id: None,
-    });
+    let partial = partial.unwrap_or_default();
     Rejected {
         line,
         raw: raw.to_string(),
@@ -140,31 +187,25 @@ fn reject(line: usize, raw: &str, error: String, partial: Option<Partial>) -> Re
     }
 }
 
+/// The envelope of one item, and whether its `created` was given.
 fn to_envelope(
     value: Value,
     defaults: &Defaults,
     now: DateTime<Utc>,
-    kind_spec: &dyn Fn(&str) -> Option<KindSpec>,
-) -> Result<Envelope, (String, Option<Partial>)> {
+) -> Result<(Envelope, bool), (String, Partial)> {
     let Value::Object(mut object) = value else {
         return Err((
             "an envelope must be a JSON object with kind, source, created and data".into(),
-            None,
+            Partial::default(),
         ));
     };
-    let mut partial = Partial {
-        kind: None,
-        source: None,
-        data_id: None,
-    };
-    let kind = match name_field(&mut object, "kind", defaults.kind.as_deref()) {
-        Ok(kind) => kind,
-        Err(e) => return Err((e, Some(partial))),
-    };
+    let mut partial = Partial::default();
+    let kind = name_field(&mut object, "kind", defaults.kind.as_deref())
+        .map_err(|e| (e, Partial::default()))?;
     partial.kind = Some(kind.clone());
     let source = match name_field(&mut object, "source", defaults.source.as_deref()) {
         Ok(source) => source,
-        Err(e) => return Err((e, Some(partial))),
+        Err(e) => return Err((e, partial)),
     };
     partial.source = Some(source.clone());
     let data_id = match object.remove("data_id") {
@@ -174,67 +215,61 @@ fn to_envelope(
             Err(_) => {
                 return Err((
                     format!("data_id {s:?} is not a UUID; leave it out to have one assigned"),
-                    Some(partial),
+                    partial,
                 ));
             }
         },
-        Some(_) => return Err(("data_id must be a UUID string".into(), Some(partial))),
+        Some(_) => return Err(("data_id must be a UUID string".into(), partial)),
     };
     partial.data_id = Some(data_id);
-    let created = match object.remove("created") {
-        None | Some(Value::Null) => now,
+    let (created, created_given) = match object.remove("created") {
+        None | Some(Value::Null) => (now, false),
         Some(Value::String(s)) => match DateTime::parse_from_rfc3339(&s) {
-            Ok(t) => t.with_timezone(&Utc),
+            Ok(t) => match accepted_time(t.with_timezone(&Utc)) {
+                Ok(t) => (t, true),
+                Err(e) => return Err((format!("created {s:?}: {e}"), partial)),
+            },
             Err(_) => {
                 return Err((
                     format!("created {s:?} is not an RFC 3339 time such as 2024-05-05T00:11:11Z"),
-                    Some(partial),
+                    partial,
                 ));
             }
         },
-        Some(_) => {
-            return Err((
-                "created must be an RFC 3339 time string".into(),
-                Some(partial),
-            ));
-        }
+        Some(_) => return Err(("created must be an RFC 3339 time string".into(), partial)),
     };
     let data = match object.remove("data") {
         Some(Value::Object(data)) => data,
-        None => {
-            return Err((
-                "data is missing; it must be a JSON object".into(),
-                Some(partial),
-            ));
-        }
-        Some(_) => return Err(("data must be a JSON object".into(), Some(partial))),
+        None => return Err(("data is missing; it must be a JSON object".into(), partial)),
+        Some(_) => return Err(("data must be a JSON object".into(), partial)),
     };
     if let Some(extra) = object.keys().next() {
         return Err((
             format!(
                 "unknown envelope field {extra:?}; put measurements inside data (envelope fields are data_id, kind, source, created, data)"
             ),
-            Some(partial),
+            partial,
         ));
     }
     if depth(&data) > MAX_JSON_DEPTH {
         return Err((
             format!("data nests deeper than {MAX_JSON_DEPTH} levels"),
-            Some(partial),
+            partial,
         ));
     }
-    if let Some(spec) = kind_spec(&kind)
-        && let Err(e) = spec.check(&data)
-    {
-        return Err((e, Some(partial)));
+    if let Err(e) = check_fields(&data) {
+        return Err((e, partial));
     }
-    Ok(Envelope {
-        data_id,
-        kind,
-        source,
-        created,
-        data,
-    })
+    Ok((
+        Envelope {
+            data_id,
+            kind,
+            source,
+            created,
+            data,
+        },
+        created_given,
+    ))
 }
 
 fn name_field(
@@ -265,6 +300,38 @@ fn name_field(
     Ok(value)
 }
 
+/// Field names are 1 to 256 characters without control characters, and no text in `data`
+/// holds U+0000, which PostgreSQL cannot store: refused on both backends alike.
+fn check_fields(data: &Map<String, Value>) -> Result<(), String> {
+    for (name, value) in data {
+        if name.is_empty() || name.len() > MAX_FIELD_NAME_LEN {
+            return Err(format!(
+                "field names in data must be 1 to {MAX_FIELD_NAME_LEN} characters long"
+            ));
+        }
+        if name.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "field name {name:?} holds a control character; rename the field"
+            ));
+        }
+        if holds_nul(value) {
+            return Err(format!(
+                "field {name:?} holds the character U+0000 (NUL), which cannot be stored; remove it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 fn depth(data: &Map<String, Value>) -> usize {
     fn value_depth(value: &Value) -> usize {
         match value {
@@ -279,20 +346,22 @@ fn depth(data: &Map<String, Value>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kinds::{FieldType, KindSpec};
+    use scholia_events::schema::FieldType;
 
     fn parse(body: &str, format: BodyFormat) -> Result<Parsed, String> {
-        let spec = |kind: &str| {
-            (kind == "generation").then(|| KindSpec {
-                fields: [("output_mw".to_string(), FieldType::Float)].into(),
-            })
+        let schema = |kind: &str| {
+            let mut schema = KindSchema::default();
+            if kind == "generation" {
+                schema.declare(&[("output_mw".to_string(), FieldType::Float)].into());
+            }
+            schema
         };
         parse_body(
             body.as_bytes(),
             format,
             &Defaults::default(),
             Utc::now(),
-            &spec,
+            &schema,
         )
     }
 
@@ -308,7 +377,7 @@ mod tests {
             "\n",
         );
         let parsed = parse(body, BodyFormat::Ndjson).unwrap();
-        assert_eq!(parsed.envelopes.len(), 2);
+        assert_eq!(parsed.records.len(), 2);
         assert_eq!(parsed.rejected.len(), 2);
         assert_eq!(parsed.rejected[0].line, 2);
         assert_eq!(parsed.rejected[0].raw, "not json");
@@ -330,7 +399,7 @@ mod tests {
     fn an_array_is_judged_item_by_item() {
         let body = r#"[{"kind":"k","source":"s","data":{}}, 5, {"kind":"k","data":{}}]"#;
         let parsed = parse(body, BodyFormat::Json).unwrap();
-        assert_eq!(parsed.envelopes.len(), 1);
+        assert_eq!(parsed.records.len(), 1);
         assert_eq!(
             parsed.rejected.iter().map(|r| r.line).collect::<Vec<_>>(),
             [2, 3]
@@ -347,5 +416,68 @@ mod tests {
         let body = format!(r#"{{"kind":"k","source":"s","data":{{"x":{data}}}}}"#);
         let parsed = parse(&body, BodyFormat::Json).unwrap();
         assert!(parsed.rejected[0].error.contains("deeper"));
+    }
+
+    #[test]
+    fn text_that_no_backend_stores_is_refused_per_line() {
+        let body = concat!(
+            r#"{"kind":"k","source":"s","data":{"a":"x\u0000y"}}"#,
+            "\n",
+            r#"{"kind":"k","source":"s","data":{"a\u0000":1}}"#,
+            "\n",
+            r#"{"kind":"k","source":"s","data":{"a":"\ud800"}}"#,
+            "\n",
+            r#"{"kind":"k","source":"s","created":"0000-05-05T00:00:00Z","data":{}}"#,
+            "\n",
+            r#"{"kind":"k","source":"s","data":{"a":"fine"}}"#,
+            "\n",
+        );
+        let mut bytes = body.as_bytes().to_vec();
+        bytes.extend_from_slice(b"{\"kind\":\"k\",\"source\":\"s\",\"data\":{\"a\":\"\xff\"}}\n");
+        let parsed = parse_body(
+            &bytes,
+            BodyFormat::Ndjson,
+            &Defaults::default(),
+            Utc::now(),
+            &|_| KindSchema::default(),
+        )
+        .unwrap();
+        assert_eq!(parsed.records.len(), 1);
+        let errors: Vec<&str> = parsed.rejected.iter().map(|r| r.error.as_str()).collect();
+        assert!(errors[0].contains("U+0000"), "{errors:?}");
+        assert!(errors[1].contains("control character"), "{errors:?}");
+        assert!(errors[2].contains("not valid JSON"), "{errors:?}");
+        assert!(errors[3].contains("accepted range"), "{errors:?}");
+        assert!(errors[4].contains("not UTF-8"), "{errors:?}");
+    }
+
+    #[test]
+    fn one_body_cannot_give_a_field_two_types() {
+        let body = concat!(
+            r#"{"kind":"k","source":"s","data":{"v":1}}"#,
+            "\n",
+            r#"{"kind":"k","source":"s","data":{"v":"three"}}"#,
+            "\n",
+        );
+        let parsed = parse(body, BodyFormat::Ndjson).unwrap();
+        assert_eq!(parsed.records.len(), 1);
+        assert!(parsed.rejected[0].error.contains("\"v\" must be an int"));
+        assert!(
+            parsed.schemas["k"].fields.is_empty(),
+            "the schema before the body"
+        );
+    }
+
+    #[test]
+    fn a_retry_without_created_has_the_same_digest() {
+        let body = r#"{"data_id":"0190f6c3-0000-7000-8000-000000000001","kind":"k","source":"s","data":{"a":1}}"#;
+        let first = parse(body, BodyFormat::Json).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let again = parse(body, BodyFormat::Json).unwrap();
+        assert_eq!(first.records[0].digest, again.records[0].digest);
+        assert_ne!(
+            first.records[0].envelope.created,
+            again.records[0].envelope.created
+        );
     }
 }

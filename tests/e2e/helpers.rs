@@ -1,7 +1,6 @@
 //! Starting the real `scholia` binary against a fresh database (and, for PostgreSQL, a
 //! fresh NATS subject prefix), and talking to it.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -230,6 +229,7 @@ impl TestApp {
     async fn spawn(deployment: &Deployment, env: &[(&str, &str)]) -> TestApp {
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = deployment.dir.join(format!("server-{n}.log"));
+        let address_file = deployment.dir.join(format!("server-{n}.address"));
         let log_file = std::fs::File::create(&log).expect("creating a server log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_scholia"));
         command
@@ -238,13 +238,14 @@ impl TestApp {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("SCHOLIA_LISTEN", "127.0.0.1:0")
+            .env("SCHOLIA_ADDRESS_FILE", &address_file)
             .env("SCHOLIA_DATABASE_URL", &deployment.database_url)
             .env("SCHOLIA_NATS_PREFIX", &deployment.nats_prefix)
             .env("SCHOLIA_ADMIN_TOKEN", ADMIN)
-            // Every test has its own stream; JetStream reserves each one's size up front.
+            // Every test has its own stream; keep each one small on the shared server.
             .env("SCHOLIA_NATS_MAX_MB", "16")
             .env("SCHOLIA_LOG", "info,sqlx=warn,async_nats=warn")
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));
         if let Some(url) = &deployment.nats_url {
             command.env("SCHOLIA_NATS_URL", url);
@@ -253,24 +254,23 @@ impl TestApp {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("starting scholia");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("Scholia listening on ") {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
+        // The service writes its address once it listens.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let base = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file)
+                && text.ends_with('\n')
+            {
+                break text.trim().to_string();
             }
-        });
-        let base = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(base) => base,
-            Err(_) => {
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
                 let _ = child.kill();
                 panic!(
-                    "scholia did not start; its log:\n{}",
+                    "scholia did not start ({exited:?}); its log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))

@@ -9,22 +9,21 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use scholia_analytics::Analysis;
-use scholia_annotation_cache::{AnnotationCache, PartitionView};
-use scholia_events::auth::Scope;
+use scholia_annotation_cache::{AnnotationCache, MAX_READ_PARTITIONS, PartitionView};
+use scholia_events::analysis::AnalysisMeta;
 use scholia_events::partition::parse_instant;
-use scholia_events::{EventBody, LoggedEvent, PartitionKey};
-use scholia_ingest::ApiError;
+use scholia_events::status::{BuildState, PartitionStatus};
+use scholia_events::{EventBody, LoggedEvent, PartitionKey, PartitionRun};
+use scholia_http::{ApiError, Core, QueryReader};
 
 use crate::protocol::{ClientMessage, ServerMessage};
 
@@ -36,6 +35,7 @@ const SEND_QUEUE: usize = 256;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 64;
 const MAX_SUBSCRIPTION_PARTITIONS: usize = 2_000;
+const _: () = assert!(MAX_SUBSCRIPTION_PARTITIONS <= MAX_READ_PARTITIONS);
 
 #[derive(Clone)]
 pub struct Hub {
@@ -58,9 +58,9 @@ struct Sub {
     id: String,
     client: u64,
     analysis: String,
-    keys: BTreeSet<String>,
+    keys: BTreeSet<PartitionKey>,
     /// Partitions not ready yet; `ready` is sent when this empties.
-    pending: Mutex<BTreeSet<String>>,
+    pending: Mutex<BTreeSet<PartitionKey>>,
     /// The newest version of the analysis this subscription has seen registered.
     version: AtomicI64,
 }
@@ -105,7 +105,7 @@ impl Hub {
         let gauge = self
             .inner
             .cache
-            .shared
+            .core()
             .metrics
             .gauge("scholia_websocket_clients", "Open websocket connections.");
         loop {
@@ -170,7 +170,7 @@ impl Hub {
                 partition,
                 ..
             } => {
-                let key = partition.to_string();
+                let key = *partition;
                 let subs: Vec<Arc<Sub>> = self
                     .subs_of(analysis)
                     .into_iter()
@@ -179,7 +179,7 @@ impl Hub {
                 if subs.is_empty() {
                     return;
                 }
-                let Some(analysis) = self.inner.cache.registry.get(analysis) else {
+                let Some(analysis) = self.inner.cache.catalog().get(analysis) else {
                     return;
                 };
                 let view = match self
@@ -195,7 +195,7 @@ impl Hub {
                         return;
                     }
                 };
-                let body = partition_body(&*analysis, &view);
+                let body = partition_body(&analysis, &view);
                 for sub in subs {
                     let Some(client) = self.client(sub.client) else {
                         continue;
@@ -217,14 +217,19 @@ impl Hub {
                 partitions,
                 ..
             } => {
-                self.status_for(analysis, partitions, "queued", None);
+                self.status_for(analysis, partitions, PartitionStatus::Queued, None);
             }
             EventBody::AnalysisStarted {
                 analysis,
                 partition,
                 ..
             } => {
-                self.status_for(analysis, std::slice::from_ref(partition), "running", None);
+                self.status_for(
+                    analysis,
+                    &[run_of(*partition)],
+                    PartitionStatus::Running,
+                    None,
+                );
             }
             EventBody::AnalysisFailed {
                 analysis,
@@ -233,13 +238,12 @@ impl Hub {
                 gave_up,
                 ..
             } => {
-                let status = if *gave_up { "failed" } else { "queued" };
-                self.status_for(
-                    analysis,
-                    std::slice::from_ref(partition),
-                    status,
-                    Some(error.clone()),
-                );
+                let status = if *gave_up {
+                    PartitionStatus::Failed
+                } else {
+                    PartitionStatus::Queued
+                };
+                self.status_for(analysis, &[run_of(*partition)], status, Some(error.clone()));
             }
             EventBody::AnalysisInvalidated {
                 analysis,
@@ -247,10 +251,11 @@ impl Hub {
                 ..
             } => {
                 for sub in self.subs_of(analysis) {
-                    let hit: Vec<String> = partitions
+                    let hit: Vec<PartitionKey> = sub
+                        .keys
                         .iter()
-                        .map(|p| p.to_string())
-                        .filter(|k| sub.keys.contains(k))
+                        .filter(|k| partitions.iter().any(|run| run.contains(k)))
+                        .copied()
                         .collect();
                     if hit.is_empty() {
                         continue;
@@ -276,14 +281,14 @@ impl Hub {
                 // A new version makes every subscribed partition stale: rebuild them live.
                 // A registration that keeps the version (a new description, or one
                 // replayed from before the subscription) changes nothing.
-                let Some(found) = self.inner.cache.registry.get(analysis) else {
+                let Some(found) = self.inner.cache.catalog().get(analysis) else {
                     return;
                 };
                 for sub in self.subs_of(analysis) {
                     if sub.version.fetch_max(*version, Ordering::Relaxed) >= *version {
                         continue;
                     }
-                    let keys: Vec<String> = sub.keys.iter().cloned().collect();
+                    let keys: Vec<PartitionKey> = sub.keys.iter().copied().collect();
                     sub.pending
                         .lock()
                         .expect("pending lock")
@@ -297,11 +302,7 @@ impl Hub {
                             .text(),
                         );
                     }
-                    let parsed: Vec<PartitionKey> = keys
-                        .iter()
-                        .filter_map(|k| PartitionKey::parse(k).ok())
-                        .collect();
-                    if let (Some(first), Some(last)) = (parsed.first(), parsed.last())
+                    if let (Some(first), Some(last)) = (keys.first(), keys.last())
                         && let Ok(views) =
                             self.inner.cache.read(&found, first.start, last.end()).await
                     {
@@ -320,28 +321,33 @@ impl Hub {
     fn status_for(
         &self,
         analysis: &str,
-        partitions: &[PartitionKey],
-        status: &str,
+        runs: &[PartitionRun],
+        status: PartitionStatus,
         error: Option<String>,
     ) {
         let subs = self.subs_of(analysis);
         if subs.is_empty() {
             return;
         }
-        for partition in partitions {
-            let key = partition.to_string();
+        // Only the subscribed keys of each run, however long the run is.
+        let mut keys: BTreeSet<PartitionKey> = BTreeSet::new();
+        for sub in &subs {
+            keys.extend(
+                sub.keys
+                    .iter()
+                    .filter(|k| runs.iter().any(|r| r.contains(k))),
+            );
+        }
+        for key in keys {
             let message = ServerMessage::Status {
                 sub: "",
-                partition: key.clone(),
+                partition: key,
                 status,
                 error: error.clone(),
             };
             let body = message.text();
             for sub in subs.iter().filter(|s| s.keys.contains(&key)) {
-                sub.pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert(key.clone());
+                sub.pending.lock().expect("pending lock").insert(key);
                 if let Some(client) = self.client(sub.client) {
                     client.offer(with_sub(&body, &sub.id));
                 }
@@ -446,17 +452,13 @@ impl Hub {
         }
         let cache = &self.inner.cache;
         let analysis = cache
-            .registry
+            .catalog()
             .find(analysis)
             .await
             .map_err(|_| format!("no analysis is named {analysis:?}"))?;
-        let keys = analysis.partition().partitions_between(from, to);
-        if keys.len() > MAX_SUBSCRIPTION_PARTITIONS {
-            return Err(format!(
-                "the range covers {} partitions; subscribe to at most {MAX_SUBSCRIPTION_PARTITIONS}",
-                keys.len()
-            ));
-        }
+        let keys = analysis
+            .partition
+            .partitions_between(from, to, MAX_SUBSCRIPTION_PARTITIONS)?;
         {
             let mut ids = client.subs.lock().expect("subs lock");
             if !ids.iter().any(|s| s == id) {
@@ -473,23 +475,23 @@ impl Hub {
             .read(&analysis, from, to)
             .await
             .map_err(|e| e.to_string())?;
-        let pending: BTreeSet<String> = views
+        let pending: BTreeSet<PartitionKey> = views
             .iter()
             .filter(|v| !v.is_ready())
-            .map(|v| v.partition.clone())
+            .map(|v| v.partition)
             .collect();
         let sub = Arc::new(Sub {
             id: id.to_string(),
             client: client_id,
-            analysis: analysis.name().to_string(),
-            keys: keys.iter().map(|k| k.to_string()).collect(),
+            analysis: analysis.name.clone(),
+            keys: keys.iter().copied().collect(),
             pending: Mutex::new(pending.clone()),
-            version: AtomicI64::new(analysis.version()),
+            version: AtomicI64::new(analysis.version),
         });
         // Registered before anything is sent, so that no change in between is missed.
         self.register(sub);
         for view in views.iter().filter(|v| v.rows.is_some()) {
-            let body = partition_body(&*analysis, view);
+            let body = partition_body(&analysis, view);
             let _ = client.tx.send(partition_message(id, &body)).await;
         }
         if !pending.is_empty() {
@@ -509,13 +511,19 @@ impl Hub {
                 .await;
             for view in &views {
                 let status = match (view.status, view.rebuild) {
-                    ("queued" | "running" | "failed", _) => view.status,
-                    ("stale", Some(rebuild)) => rebuild,
+                    (
+                        PartitionStatus::Queued
+                        | PartitionStatus::Running
+                        | PartitionStatus::Failed,
+                        _,
+                    ) => view.status,
+                    (PartitionStatus::Stale, Some(BuildState::Queued)) => PartitionStatus::Queued,
+                    (PartitionStatus::Stale, Some(BuildState::Running)) => PartitionStatus::Running,
                     _ => continue,
                 };
                 let message = ServerMessage::Status {
                     sub: id,
-                    partition: view.partition.clone(),
+                    partition: view.partition,
                     status,
                     error: view.error.clone(),
                 };
@@ -533,10 +541,10 @@ impl Hub {
 
 /// A `partition` message's body, serialized once for every subscriber: everything but
 /// `type` and `sub`.
-fn partition_body(analysis: &dyn Analysis, view: &PartitionView) -> String {
+fn partition_body(analysis: &AnalysisMeta, view: &PartitionView) -> String {
     let stored = view.rows.as_ref();
     json!({
-        "analysis": analysis.name(),
+        "analysis": analysis.name,
         "version": stored.map(|s| s.version),
         "partition": view.partition,
         "generation": stored.map(|s| s.generation),
@@ -558,9 +566,10 @@ fn with_sub(body: &str, sub: &str) -> String {
     body.replacen("\"sub\":\"\"", &format!("\"sub\":{sub}"), 1)
 }
 
-#[derive(Debug, Deserialize)]
-struct WsQuery {
-    token: Option<String>,
+impl FromRef<Hub> for Core {
+    fn from_ref(hub: &Hub) -> Core {
+        hub.inner.cache.core().clone()
+    }
 }
 
 pub(crate) fn router(hub: Hub) -> Router {
@@ -568,17 +577,11 @@ pub(crate) fn router(hub: Hub) -> Router {
 }
 
 async fn upgrade(
+    QueryReader(_token): QueryReader,
     State(hub): State<Hub>,
-    Query(query): Query<WsQuery>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    hub.inner
-        .cache
-        .shared
-        .auth
-        .require(&headers, query.token.as_deref(), Scope::Read)
-        .await?;
     let ws = ws.map_err(|_| {
         ApiError::bad_request("This endpoint speaks the websocket protocol; connect with a websocket client (GET with Upgrade: websocket).")
     })?;
@@ -690,13 +693,20 @@ mod tests {
     fn a_status_gets_its_subscription_filled_in() {
         let body = ServerMessage::Status {
             sub: "",
-            partition: "2024-05-05".into(),
-            status: "queued",
+            partition: PartitionKey::parse("2024-05-05").unwrap(),
+            status: PartitionStatus::Queued,
             error: None,
         }
         .text();
         let message: serde_json::Value = serde_json::from_str(&with_sub(&body, "s9")).unwrap();
         assert_eq!(message["sub"], "s9");
         assert_eq!(message["status"], "queued");
+    }
+}
+
+fn run_of(key: PartitionKey) -> PartitionRun {
+    PartitionRun {
+        first: key,
+        last: key,
     }
 }

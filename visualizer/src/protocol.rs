@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use scholia_events::PartitionKey;
+use scholia_events::status::PartitionStatus;
+
 /// What a client sends.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -24,12 +27,12 @@ pub(crate) enum ClientMessage {
 pub(crate) enum ServerMessage<'a> {
     Waiting {
         sub: &'a str,
-        partitions: Vec<String>,
+        partitions: Vec<PartitionKey>,
     },
     Status {
         sub: &'a str,
-        partition: String,
-        status: &'a str,
+        partition: PartitionKey,
+        status: PartitionStatus,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
@@ -38,7 +41,7 @@ pub(crate) enum ServerMessage<'a> {
     },
     Invalidated {
         sub: &'a str,
-        partitions: Vec<String>,
+        partitions: Vec<PartitionKey>,
     },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,17 +1,22 @@
-//! The bus: how committed log events reach the components that react to them.
+//! The bus: how committed log events reach the components that react to them. It is a
+//! wake-up, never the truth: everything on it is in the SQL log first, so a message that
+//! is lost, late or never published delays work but never loses it.
 //!
 //! Two delivery modes, on either backend:
 //! - [`Bus::subscribe`] fans out: every subscriber sees every event it asked for, at most
 //!   once, in log order; a subscriber that falls behind is told so ([`Delivery::Lagged`]).
 //! - [`Bus::queue`] shares work: each event goes to one member of the named group, which
 //!   acknowledges it once its effect is committed; an unacknowledged event is delivered
-//!   again (to any member), so handlers must be idempotent.
+//!   again (to any member), so handlers must be idempotent. A group that falls behind is
+//!   told so too, and its members then look in SQL.
 //!
-//! Only the relay publishes, in `seq` order, after commit.
+//! Only the relay publishes, in `seq` order, after commit. A subscription is a value
+//! pulled by its owner: no task runs behind it.
 
 mod memory;
 mod nats;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,36 +25,30 @@ pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
 
 use crate::error::Result;
-use crate::event::LoggedEvent;
+use crate::event::{EventType, LoggedEvent};
 
-/// Which event types a consumer wants: a type name (`analysis.completed`) or a prefix
-/// ending in `.*` (`analysis.*`), or `*` for all.
-#[derive(Debug, Clone)]
-pub struct EventFilter(pub String);
+/// Which events a consumer wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFilter {
+    All,
+    /// One family: `analysis` for every `analysis.*` event.
+    Family(&'static str),
+    One(EventType),
+}
 
 impl EventFilter {
-    pub fn all() -> Self {
-        EventFilter("*".into())
-    }
-
-    pub fn matches(&self, type_name: &str) -> bool {
-        match self.0.as_str() {
-            "*" => true,
-            f => match f.strip_suffix(".*") {
-                Some(prefix) => type_name
-                    .strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with('.')),
-                None => f == type_name,
-            },
+    pub fn matches(&self, ty: EventType) -> bool {
+        match self {
+            EventFilter::All => true,
+            EventFilter::Family(family) => ty.family() == *family,
+            EventFilter::One(one) => *one == ty,
         }
     }
 }
 
-/// One delivery to a consumer. (Moved once into a channel; boxing the event would cost
-/// an allocation per delivery for nothing.)
-#[allow(clippy::large_enum_variant)]
+/// One delivery to a consumer.
 pub enum Delivery {
-    Event(LoggedEvent, Acker),
+    Event(Arc<LoggedEvent>, Acker),
     /// The consumer fell behind and missed events; it should resynchronize from SQL.
     Lagged,
 }
@@ -59,7 +58,7 @@ pub struct Acker(AckerInner);
 
 enum AckerInner {
     Noop,
-    Memory(Option<memory::QueueAck>),
+    Memory(memory::QueueAck),
     Nats(Box<async_nats::jetstream::message::Acker>),
 }
 
@@ -73,12 +72,13 @@ impl Acker {
         match self.0 {
             AckerInner::Noop => Ok(()),
             AckerInner::Memory(ack) => {
-                if let Some(ack) = ack {
-                    ack.done();
-                }
+                ack.done();
                 Ok(())
             }
-            AckerInner::Nats(acker) => acker.ack().await.map_err(crate::Error::bus),
+            AckerInner::Nats(acker) => acker
+                .ack()
+                .await
+                .map_err(|e| crate::Error::unavailable("the bus", e)),
         }
     }
 
@@ -87,51 +87,64 @@ impl Acker {
         match self.0 {
             AckerInner::Noop => Ok(()),
             AckerInner::Memory(ack) => {
-                if let Some(ack) = ack {
-                    ack.redeliver(delay);
-                }
+                ack.redeliver_after(delay);
                 Ok(())
             }
             AckerInner::Nats(acker) => acker
                 .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
                 .await
-                .map_err(crate::Error::bus),
-        }
-    }
-
-    /// Still working: do not redeliver yet.
-    pub async fn in_progress(&self) -> Result<()> {
-        match &self.0 {
-            AckerInner::Nats(acker) => acker
-                .ack_with(async_nats::jetstream::AckKind::Progress)
-                .await
-                .map_err(crate::Error::bus),
-            _ => Ok(()),
+                .map_err(|e| crate::Error::unavailable("the bus", e)),
         }
     }
 }
 
-/// A stream of deliveries.
+/// Where a subscription's deliveries come from.
+#[async_trait]
+pub(crate) trait Source: Send {
+    async fn next(&mut self) -> Option<Delivery>;
+}
+
+/// A stream of deliveries, pulled by its owner.
 pub struct Subscription {
-    rx: tokio::sync::mpsc::Receiver<Delivery>,
+    source: Box<dyn Source>,
 }
 
 impl Subscription {
-    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Delivery>) -> Self {
-        Subscription { rx }
+    pub(crate) fn new(source: impl Source + 'static) -> Self {
+        Subscription {
+            source: Box::new(source),
+        }
     }
 
-    /// The next delivery, or `None` when the bus has shut down.
+    /// The next delivery, or `None` when the bus has shut down. Cancel-safe: dropping the
+    /// future loses no delivery.
     pub async fn next(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        self.source.next().await
     }
+}
+
+/// Why publishing stopped.
+#[derive(Debug)]
+pub struct PublishError {
+    /// The `seq` of the event that was not published.
+    pub seq: i64,
+    /// True when retrying may succeed (the bus is unreachable); false when this event can
+    /// never be published (it is larger than the bus takes).
+    pub transient: bool,
+    pub message: String,
+}
+
+/// How far a publish got: a prefix of the events, and what stopped it.
+#[derive(Debug)]
+pub struct Published {
+    pub count: usize,
+    pub error: Option<PublishError>,
 }
 
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publish committed events, in `seq` order. Returns how many were published (a
-    /// prefix of `events`) before an error stopped it, so that the relay resumes there.
-    async fn publish(&self, events: &[LoggedEvent]) -> (usize, Result<()>);
+    /// Publish committed events, in `seq` order, stopping at the first that fails.
+    async fn publish(&self, events: &[LoggedEvent]) -> Published;
 
     /// Every event matching `filter` from now on.
     async fn subscribe(&self, filter: EventFilter) -> Result<Subscription>;
@@ -150,13 +163,14 @@ pub trait Bus: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::EventFilter;
+    use crate::event::EventType;
 
     #[test]
     fn a_filter_matches_a_type_a_family_or_everything() {
-        assert!(EventFilter("analysis.*".into()).matches("analysis.completed"));
-        assert!(!EventFilter("analysis.*".into()).matches("analysisx.completed"));
-        assert!(!EventFilter("analysis.*".into()).matches("source.ingested"));
-        assert!(EventFilter("source.ingested".into()).matches("source.ingested"));
-        assert!(EventFilter::all().matches("schedule.fired"));
+        assert!(EventFilter::Family("analysis").matches(EventType::AnalysisCompleted));
+        assert!(!EventFilter::Family("analysis").matches(EventType::SourceIngested));
+        assert!(EventFilter::One(EventType::SourceIngested).matches(EventType::SourceIngested));
+        assert!(!EventFilter::One(EventType::SourceIngested).matches(EventType::AdminAction));
+        assert!(EventFilter::All.matches(EventType::ScheduleFired));
     }
 }

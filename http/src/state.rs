@@ -1,0 +1,50 @@
+//! What every router of a process shares.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use scholia_events::metrics::Metrics;
+use scholia_events::relay::RelayStatus;
+use scholia_events::tasks::Supervisor;
+use scholia_events::{Bus, Store};
+
+use crate::auth::Auth;
+
+/// The state common to every component: stores, bus, auth, metrics, and how the process
+/// is doing. Component states hold one and hand it to the extractors (`FromRef`).
+#[derive(Clone)]
+pub struct Core {
+    pub store: Store,
+    pub bus: Arc<dyn Bus>,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+    pub supervisor: Supervisor,
+    pub relay: Arc<RelayStatus>,
+    /// The roles this process runs, for `/healthz`.
+    pub roles: Arc<Vec<String>>,
+    pub started: Instant,
+    /// The OpenAPI document of what this process serves, set once its routers are built.
+    pub openapi: Arc<OnceLock<String>>,
+}
+
+impl Core {
+    pub fn new(
+        store: Store,
+        bus: Arc<dyn Bus>,
+        supervisor: Supervisor,
+        relay: Arc<RelayStatus>,
+        roles: Vec<String>,
+    ) -> Self {
+        Core {
+            auth: Auth::new(store.tokens.clone()),
+            store,
+            bus,
+            metrics: Arc::new(Metrics::default()),
+            supervisor,
+            relay,
+            roles: Arc::new(roles),
+            started: Instant::now(),
+            openapi: Arc::default(),
+        }
+    }
+}
