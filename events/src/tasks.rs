@@ -34,7 +34,7 @@ const MAX_QUICK_FAILURES: u32 = 10;
 /// A task that ran this long before failing was healthy; its failure count starts over.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     Running,
@@ -44,7 +44,7 @@ pub enum TaskState {
 }
 
 /// One task's health, as `/readyz` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TaskHealth {
     pub state: TaskState,
     pub restarts: u32,

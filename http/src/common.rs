@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::error::{ApiError, Cause};
 use crate::state::Core;
@@ -25,36 +25,77 @@ pub fn router(core: Core) -> Router {
         .with_state(core)
 }
 
-async fn healthz(State(core): State<Core>) -> impl IntoResponse {
-    Json(json!({
-        "status": "ok",
-        "roles": *core.roles,
-        "database": core.store.database.backend(),
-        "bus": core.bus.name(),
-        "uptime_seconds": core.started.elapsed().as_secs(),
-    }))
+/// What `/healthz` says: the process is up, and what it runs on.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    #[schema(value_type = String, pattern = "^ok$")]
+    status: &'static str,
+    /// The roles this process runs.
+    roles: Vec<String>,
+    /// `sqlite` or `postgres`.
+    #[schema(value_type = String)]
+    database: &'static str,
+    /// `in-process` or `nats`.
+    #[schema(value_type = String)]
+    bus: &'static str,
+    uptime_seconds: u64,
 }
 
-#[derive(Serialize)]
-struct Readiness {
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is up.", body = Health))
+)]
+pub(crate) async fn healthz(State(core): State<Core>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        roles: core.roles.to_vec(),
+        database: core.store.database.backend(),
+        bus: core.bus.name(),
+        uptime_seconds: core.started.elapsed().as_secs(),
+    })
+}
+
+/// What `/readyz` says.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Readiness {
     ready: bool,
     /// `ok`, `degraded` (serving, but something needs a look) or `unavailable`.
+    #[schema(value_type = String, pattern = "^(ok|degraded|unavailable)$")]
     status: &'static str,
+    /// Whether the database answers.
     database: bool,
+    /// Whether the bus answers.
     bus: bool,
+    /// The long-lived tasks of this process, by name.
     tasks: std::collections::BTreeMap<String, scholia_events::tasks::TaskHealth>,
     relay: RelayReport,
 }
 
-#[derive(Serialize)]
-struct RelayReport {
+/// How far the relay got publishing the log to the bus.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RelayReport {
     published_seq: i64,
     skipped_events: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_skipped: Option<String>,
 }
 
-async fn readyz(State(core): State<Core>) -> impl IntoResponse {
+/// Readiness.
+///
+/// 200 while the database and the bus are reachable, 503 until then.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready (`status` may still say `degraded`).", body = Readiness),
+        (status = 503, description = "Not ready: the database or the bus is unreachable.", body = Readiness)
+    )
+)]
+pub(crate) async fn readyz(State(core): State<Core>) -> impl IntoResponse {
     let database = core.store.database.ping().await.is_ok();
     let bus = core.bus.is_ready().await;
     let last_skipped = core.relay.recent_skip();
@@ -86,7 +127,14 @@ async fn readyz(State(core): State<Core>) -> impl IntoResponse {
     (code, Json(body))
 }
 
-async fn metrics(State(core): State<Core>) -> impl IntoResponse {
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Counters, gauges and histograms.", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn metrics(State(core): State<Core>) -> impl IntoResponse {
     let m = &core.metrics;
     m.gauge(
         "scholia_relay_published_seq",
@@ -114,7 +162,16 @@ async fn metrics(State(core): State<Core>) -> impl IntoResponse {
     )
 }
 
-async fn openapi(State(core): State<Core>) -> Response {
+/// This document.
+///
+/// What this process serves, which depends on its roles.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document.", body = Object))
+)]
+pub(crate) async fn openapi(State(core): State<Core>) -> Response {
     match core.openapi.get() {
         Some(doc) => ([(header::CONTENT_TYPE, "application/json")], doc.clone()).into_response(),
         None => ApiError::internal("the OpenAPI document was not built").into_response(),

@@ -108,7 +108,9 @@ impl ApiError {
     }
 }
 
-/// Parse `from` and `to` (both required) of a half-open range.
+/// Parse `from` and `to` (both required) of a half-open range. A bound that is missing or
+/// is not a date is malformed (400); a date outside the accepted years, or a range that is
+/// empty, is well-formed but wrong (422).
 pub fn parse_range(
     from: Option<&str>,
     to: Option<&str>,
@@ -121,14 +123,26 @@ pub fn parse_range(
             "Give the range end as to=YYYY-MM-DD (or an RFC 3339 time); ranges are half-open.",
         )
     })?;
-    let from = parse_instant(from).map_err(|e| ApiError::bad_request(sentence(&e)))?;
-    let to = parse_instant(to).map_err(|e| ApiError::bad_request(sentence(&e)))?;
+    let from = range_bound(from)?;
+    let to = range_bound(to)?;
     if to <= from {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             "The range is empty: \"to\" must come after \"from\" (ranges are half-open).",
         ));
     }
     Ok((from, to))
+}
+
+fn range_bound(text: &str) -> ApiResult<DateTime<Utc>> {
+    parse_instant(text).map_err(|e| {
+        let well_formed = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_ok()
+            || DateTime::parse_from_rfc3339(text).is_ok();
+        if well_formed {
+            ApiError::invalid(sentence(&e))
+        } else {
+            ApiError::bad_request(sentence(&e))
+        }
+    })
 }
 
 /// A sentence of an error message: capitalized, with a full stop.
@@ -165,15 +179,20 @@ impl From<scholia_events::Error> for ApiError {
     }
 }
 
-/// The body of every error response.
+/// The body of every error response (RFC 9457).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ProblemBody {
     /// A URI naming the kind of problem.
     #[serde(rename = "type")]
+    #[schema(format = "uri")]
     pub kind: String,
+    /// The status' reason phrase.
     pub title: String,
+    /// The HTTP status.
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
     /// A stable machine-readable code: `bad_request`, `unauthorized`, `invalid`, …
+    #[schema(schema_with = crate::openapi::problem_code)]
     pub code: String,
     /// What happened and what to do, in a sentence or two.
     pub detail: String,
@@ -232,6 +251,12 @@ impl From<JsonRejection> for ApiError {
                 "The JSON does not have the expected shape: {}",
                 e.body_text()
             )),
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(
+                    Problem::TooLarge,
+                    "The body is larger than this endpoint accepts (2 MiB); send a smaller one.",
+                )
+            }
             JsonRejection::BytesRejection(e) => {
                 ApiError::bad_request(format!("The body could not be read: {}", e.body_text()))
             }

@@ -11,6 +11,7 @@
 mod auth;
 mod common;
 mod error;
+pub mod openapi;
 mod state;
 
 pub use auth::{Admin, Auth, Ingester, QueryReader, Reader};

@@ -1,4 +1,5 @@
-//! The visualizer's web page: `GET /` and its assets under `/assets/`.
+//! The visualizer's web page: `GET /` and its assets under `/assets/`; and the
+//! visualizer's part of the OpenAPI document ([`openapi`]), the websocket's included.
 //!
 //! `build.rs` copies the hand-written page (`web/index.html`, `web/app.js`,
 //! `web/style.css`) and uPlot (installed from the npm registry through
@@ -9,6 +10,7 @@ use axum::Router;
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use utoipa::OpenApi;
 
 macro_rules! web_asset {
     ($file:literal) => {
@@ -44,6 +46,30 @@ fn asset(body: &'static [u8], content_type: &'static str) -> Response {
     (headers, body).into_response()
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    paths(crate::hub::upgrade, index, app_js, style_css, uplot_js, uplot_css),
+    tags(
+        (name = "live", description = "The websocket that feeds live charts (the protocol is in SPEC §6)."),
+        (name = "page", description = "The visualizer's web page and its assets, served from the binary.")
+    )
+)]
+struct VisualizerDoc;
+
+/// The OpenAPI document of the visualizer's endpoints: the websocket and the page.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    VisualizerDoc::openapi()
+}
+
+/// The visualizer page.
+///
+/// It takes a token as `?token=`, which it never sends elsewhere.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "page",
+    responses((status = 200, description = "The page.", body = String, content_type = "text/html"))
+)]
 async fn index() -> Response {
     let mut response = asset(INDEX_HTML, HTML);
     let headers = response.headers_mut();
@@ -59,18 +85,46 @@ async fn index() -> Response {
     response
 }
 
+/// The page's script.
+#[utoipa::path(
+    get,
+    path = "/assets/app.js",
+    tag = "page",
+    responses((status = 200, description = "The page's script.", body = String, content_type = "text/javascript"))
+)]
 async fn app_js() -> Response {
     asset(APP_JS, JS)
 }
 
+/// The page's style sheet.
+#[utoipa::path(
+    get,
+    path = "/assets/style.css",
+    tag = "page",
+    responses((status = 200, description = "The page's style sheet.", body = String, content_type = "text/css"))
+)]
 async fn style_css() -> Response {
     asset(STYLE_CSS, CSS)
 }
 
+/// uPlot, the charting library.
+#[utoipa::path(
+    get,
+    path = "/assets/uPlot.iife.min.js",
+    tag = "page",
+    responses((status = 200, description = "uPlot, the charting library.", body = String, content_type = "text/javascript"))
+)]
 async fn uplot_js() -> Response {
     asset(UPLOT_JS, JS)
 }
 
+/// uPlot's style sheet.
+#[utoipa::path(
+    get,
+    path = "/assets/uPlot.min.css",
+    tag = "page",
+    responses((status = 200, description = "uPlot's style sheet.", body = String, content_type = "text/css"))
+)]
 async fn uplot_css() -> Response {
     asset(UPLOT_CSS, CSS)
 }
