@@ -348,6 +348,9 @@ pub(crate) struct InvalidateArgs {
     /// Rebuild only when someone asks for the partitions.
     #[arg(long)]
     pub(crate) lazy: bool,
+    /// Leave the downstream analyses' partitions alone.
+    #[arg(long)]
+    pub(crate) no_cascade: bool,
     #[arg(long, default_value = "invalidated from the command line")]
     pub(crate) reason: String,
 }
@@ -357,6 +360,7 @@ pub(crate) async fn invalidate(args: InvalidateArgs) -> Result<()> {
     let body = json!({
         "analysis": args.analysis, "from": args.from, "to": args.to,
         "reason": args.reason, "rebuild": if args.lazy { "lazy" } else { "eager" },
+        "cascade": !args.no_cascade,
     });
     let created = client
         .send(

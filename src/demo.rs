@@ -1,6 +1,9 @@
 //! Synthetic producers for `scholia demo`: a small power grid. Stations report
-//! `generation` (`output_mw`), regions report `demand` (`demand_mw`), through the same
-//! HTTP API producers use, first a few days of history, then live every few seconds.
+//! `generation` (`output_mw`, and the `region` they feed), regions report `demand`
+//! (`demand_mw`), through the same HTTP API producers use, first a few days of history,
+//! then live every few seconds. Two SQL analyses show the analysis graph: the reserve
+//! margin of each region and hour joins generation with demand, and a daily flag reads
+//! the annotations of the built-in `daily_avg`.
 
 use std::f64::consts::PI;
 use std::time::Duration;
@@ -13,12 +16,26 @@ use scholia_events::token::{self, Scope};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-const STATIONS: [(&str, f64, &str); 5] = [
-    ("station-north-wind", 320.0, "wind"),
-    ("station-east-solar", 180.0, "solar"),
-    ("station-river-hydro", 450.0, "hydro"),
-    ("station-coast-gas", 600.0, "gas"),
-    ("station-valley-wind", 240.0, "wind"),
+const STATIONS: [(&str, f64, &str, &str); 5] = [
+    ("station-north-wind", 320.0, "wind", "region-north"),
+    ("station-east-solar", 180.0, "solar", "region-city"),
+    ("station-river-hydro", 450.0, "hydro", "region-south"),
+    ("station-coast-gas", 600.0, "gas", "region-city"),
+    ("station-valley-wind", 240.0, "wind", "region-north"),
+];
+
+/// The demo's SQL analyses: the graph beyond one kind and one analysis.
+const ANALYSES: [(&str, &str); 2] = [
+    (
+        "reserve_margin",
+        r#"{"inputs": [{"kind": "generation"}, {"kind": "demand"}], "description": "Per region and hour: generation against demand, and the reserve margin (supply / demand - 1).",
+           "sql": "WITH stations AS (SELECT region, source, STRFTIME(created, '%Y-%m-%dT%H') AS hour, AVG(output_mw) AS mw FROM generation GROUP BY region, source, STRFTIME(created, '%Y-%m-%dT%H')), supply AS (SELECT region, hour, SUM(mw) AS supply_mw FROM stations GROUP BY region, hour), need AS (SELECT source AS region, STRFTIME(created, '%Y-%m-%dT%H') AS hour, AVG(demand_mw) AS demand_mw FROM demand GROUP BY source, STRFTIME(created, '%Y-%m-%dT%H')) SELECT supply.region, supply.hour, supply_mw, demand_mw, supply_mw / demand_mw - 1.0 AS reserve_margin FROM supply JOIN need ON supply.region = need.region AND supply.hour = need.hour ORDER BY supply.region, supply.hour"}"#,
+    ),
+    (
+        "high_output_days",
+        r#"{"inputs": [{"analysis": "daily_avg"}], "description": "Per station and day, from daily_avg's annotations: whether its average output was above 300 MW.",
+           "sql": "SELECT source, avg_mw, avg_mw > 300.0 AS high FROM daily_avg ORDER BY source"}"#,
+    ),
 ];
 const REGIONS: [(&str, f64); 3] = [
     ("region-north", 900.0),
@@ -55,9 +72,9 @@ fn demand(base: f64, at: DateTime<Utc>, rng: &mut impl Rng) -> f64 {
 fn records_at(at: DateTime<Utc>, rng: &mut impl Rng) -> Vec<Value> {
     let created = scholia_events::envelope::format_time(at);
     let mut out = Vec::new();
-    for (name, capacity, fuel) in STATIONS {
+    for (name, capacity, fuel, region) in STATIONS {
         out.push(json!({"kind": "generation", "source": name, "created": created,
-                        "data": {"output_mw": (output(capacity, fuel, at, rng) * 10.0).round() / 10.0, "fuel": fuel}}));
+                        "data": {"output_mw": (output(capacity, fuel, at, rng) * 10.0).round() / 10.0, "fuel": fuel, "region": region}}));
     }
     for (name, base) in REGIONS {
         out.push(json!({"kind": "demand", "source": name, "created": created,
@@ -108,9 +125,10 @@ pub(crate) async fn start(
     let base = format!("http://{address}");
     core.supervisor
         .spawn("demo-producers", OnFailure::Restart, move |stop| {
-            let (base, producer) = (base.clone(), producer.clone());
+            let (base, producer, admin) = (base.clone(), producer.clone(), admin.clone());
             async move {
-                run_producers(&base, &producer, stop).await.map_err(|e| {
+                let produced = run_producers(&base, &producer, &admin, stop);
+                produced.await.map_err(|e| {
                     scholia_events::Error::unavailable("the demo producers", format!("{e:#}"))
                 })
             }
@@ -118,8 +136,36 @@ pub(crate) async fn start(
     Ok(())
 }
 
-/// Send history, then live records until shut down.
-async fn run_producers(base: &str, token: &str, shutdown: CancellationToken) -> Result<()> {
+/// Register the demo's SQL analyses, as an admin would.
+async fn register_analyses(base: &str, admin: &str) -> Result<()> {
+    let client = reqwest::Client::new();
+    for (name, definition) in ANALYSES {
+        let body: Value =
+            serde_json::from_str(definition).expect("the demo's definitions are JSON");
+        let response = client
+            .put(format!("{base}/v1/analyses/{name}"))
+            .bearer_auth(admin)
+            .json(&body)
+            .send()
+            .await
+            .context("the demo cannot reach the service")?;
+        if !response.status().is_success() {
+            anyhow::bail!(
+                "the demo's analysis {name} was refused: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Send history, register the SQL analyses, then send live records until shut down.
+async fn run_producers(
+    base: &str,
+    token: &str,
+    admin: &str,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let client = reqwest::Client::new();
     let now = Utc::now();
     let start = now - Span::days(HISTORY_DAYS);
@@ -136,9 +182,11 @@ async fn run_producers(base: &str, token: &str, shutdown: CancellationToken) -> 
     if !batch.is_empty() {
         send(&client, base, token, &batch).await?;
     }
+    // The kinds' schemas now have the fields the SQL analyses name.
+    register_analyses(base, admin).await?;
     tracing::info!(
         days = HISTORY_DAYS,
-        "Demo history sent; producing live records"
+        "Demo history sent and its analyses registered; producing live records"
     );
     loop {
         tokio::select! {

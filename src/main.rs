@@ -58,6 +58,9 @@ enum Command {
         #[command(subcommand)]
         command: client::TokenCommand,
     },
+    /// Run one SQL analysis' computation for a worker (on stdin and stdout).
+    #[command(hide = true)]
+    Compute,
 }
 
 /// `scholia serve` and `scholia demo`.
@@ -94,6 +97,9 @@ fn init_tracing() {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::Compute = cli.command {
+        std::process::exit(scholia_analytics::sandbox::serve_child());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -108,6 +114,7 @@ fn main() -> Result<()> {
             Command::Lineage { data_id } => client::lineage(&data_id).await,
             Command::Watch(args) => client::watch(args).await,
             Command::Token { command } => client::token(command).await,
+            Command::Compute => unreachable!("handled before the runtime starts"),
         }
     })
 }

@@ -16,6 +16,7 @@
 pub mod analysis;
 pub mod builtin;
 pub mod frame;
+pub mod frame_files;
 pub mod frames;
 mod inputs;
 pub mod invalidation;
@@ -23,6 +24,7 @@ mod planner;
 pub mod registry;
 mod routes;
 pub mod rows;
+pub mod sandbox;
 pub mod schedule;
 pub mod sql;
 mod worker;

@@ -135,7 +135,8 @@ impl Workers {
         Ok(())
     }
 
-    /// Queue live rebuilds of `partitions`, a debounce from now, and log the request.
+    /// Queue live rebuilds of `partitions`, whose inputs moved, a debounce from now, and log
+    /// the request.
     async fn request(
         &self,
         analysis: &str,
@@ -156,7 +157,7 @@ impl Workers {
                 version,
                 partitions,
                 priority: PRIORITY_LIVE,
-                want: Want::Rebuild,
+                want: Want::InputsMoved,
                 not_before: Utc::now() + debounce,
                 actor: actor.to_string(),
                 log: true,

@@ -190,6 +190,7 @@ async fn fire_due(cache: &AnnotationCache, registry: &Registry) -> Result<()> {
             to,
             reason: format!("schedule {}", schedule.name),
             rebuild: Rebuild::Eager,
+            cascade: true,
             actor: actor.clone(),
         };
         match invalidation::create(store, cache.catalog(), &request).await {

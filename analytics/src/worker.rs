@@ -27,7 +27,7 @@ use scholia_events::{Error, EventBody, EventType, NewEvent, Result};
 use crate::frames::FrameCache;
 use crate::inputs::{self, Loaded};
 use crate::registry::Registry;
-use crate::rows;
+use crate::{rows, sandbox, sql};
 
 /// How a worker process builds.
 #[derive(Debug, Clone)]
@@ -40,6 +40,8 @@ pub struct WorkerSettings {
     pub max_attempts: i32,
     /// The longest one build may run.
     pub build_timeout: Duration,
+    /// The most resident memory a SQL analysis' computation may take, in megabytes.
+    pub build_memory_mb: u64,
     /// How often the reconciler compares built partitions with what SQL holds.
     pub reconcile_every: Duration,
     /// How long new data waits before its partitions are rebuilt, so that bursts coalesce.
@@ -53,6 +55,7 @@ impl Default for WorkerSettings {
             lease: Duration::from_secs(5),
             max_attempts: 3,
             build_timeout: Duration::from_secs(600),
+            build_memory_mb: 2048,
             reconcile_every: Duration::from_secs(5),
             debounce: Duration::from_millis(100),
         }
@@ -331,15 +334,32 @@ impl Workers {
                 },
             )])
             .await?;
-        let span = tracing::Span::current();
-        let (columns, rows) = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let output = analysis.compute(inputs)?;
-            rows::frame_to_rows(&output)
-        })
-        .await
-        .map_err(|e| Error::Invalid(format!("the analysis panicked: {e}")))?
-        .map_err(|e| Error::Invalid(format!("the analysis failed: {e}")))?;
+        let output = match &meta.sql {
+            // SQL from an admin runs in a child process with a memory budget.
+            Some(sql) => sandbox::run(sql, &sql::tables(meta), inputs, self.settings.build_memory_mb)
+                .await
+                .map_err(|failure| match failure {
+                    sandbox::Failure::Analysis(e) => Error::Invalid(format!("the analysis failed: {e}")),
+                    sandbox::Failure::Memory { limit_mb } => Error::Invalid(format!(
+                        "the build needed more than the memory limit of {limit_mb} MB (SCHOLIA_BUILD_MEMORY_MB) and was stopped"
+                    )),
+                    sandbox::Failure::Sandbox(e) => Error::internal("running a SQL analysis", e),
+                })?,
+            None => {
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || {
+                    let _entered = span.enter();
+                    analysis.compute(inputs)
+                })
+                .await
+                .map_err(|e| Error::Invalid(format!("the analysis panicked: {e}")))?
+                .map_err(|e| Error::Invalid(format!("the analysis failed: {e}")))?
+            }
+        };
+        let (columns, rows) = tokio::task::spawn_blocking(move || rows::frame_to_rows(&output))
+            .await
+            .map_err(|e| Error::internal("reading an annotation", e))?
+            .map_err(|e| Error::internal("reading an annotation", e))?;
         let rows_json = serde_json::to_string(&rows).expect("rows serialize");
         Ok(Outcome::Built(NewAnnotation {
             version: meta.version,

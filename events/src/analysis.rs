@@ -88,8 +88,8 @@ impl<'de> Deserialize<'de> for Lookback {
 }
 
 /// One input of an analysis: `{"kind": "generation", "lookback": "PT2H"}` or
-/// `{"analysis": "daily_avg"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// `{"analysis": "daily_avg"}`. Its OpenAPI schema is written out in `openapi.rs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Input {
     #[serde(flatten)]
     pub source: InputSource,

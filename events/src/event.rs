@@ -170,7 +170,7 @@ pub enum EventBody {
     AdminAction {
         action: String,
         target: String,
-        #[schema(value_type = Object)]
+        /// What changed; any JSON value.
         detail: serde_json::Value,
     },
 }

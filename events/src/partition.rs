@@ -18,9 +18,9 @@ use crate::envelope::{accepted_time, earliest_time, end_of_time};
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
 )]
 pub enum Granularity {
-    #[serde(rename = "1d")]
+    #[serde(rename = "1d", alias = "day")]
     Day,
-    #[serde(rename = "1h")]
+    #[serde(rename = "1h", alias = "hour")]
     Hour,
 }
 

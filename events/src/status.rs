@@ -12,6 +12,9 @@ macro_rules! word_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        // The derive cannot read `$word` from the macro; every word is its variant's name in
+        // lowercase, which `openapi.rs` checks.
+        #[schema(rename_all = "lowercase")]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $word)] $variant),+
         }
@@ -110,8 +113,13 @@ pub const PRIORITY_BULK: i32 = 10;
 /// What a build request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
-    /// A build that starts after this request: the input or the definition changed.
+    /// A build that starts after this request: an admin asked (an invalidation, a
+    /// schedule), so even a build under way when it came is done again.
     Rebuild,
+    /// A build that reads the inputs as they are now, because they moved. A build under
+    /// way covers it: its commit compares what it read with the inputs then, and goes
+    /// round again only if they moved after it read them.
+    InputsMoved,
     /// Any build will do, pending or running: a reader wants the partition there. Asking
     /// again while one is pending costs nothing, so readers may ask as often as they look.
     Present,

@@ -1,4 +1,5 @@
-//! Handlers of the ingest role: events, kinds, quarantine and tokens.
+//! Handlers of the ingest role: events, kinds, quarantine and tokens, and their part of
+//! the OpenAPI document ([`IngestState::openapi`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -14,6 +15,11 @@ use axum::{Json, Router};
 use chrono::Utc;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{
+    AnyOfBuilder, ArrayBuilder, ObjectBuilder, Schema, SchemaType, Type,
+};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{IntoParams, OpenApi, PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use scholia_events::envelope::format_time;
@@ -39,23 +45,134 @@ pub fn router(state: IngestState) -> Router {
         .with_state(state)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        post_events,
+        get_event,
+        list_kinds,
+        put_kind,
+        list_quarantine,
+        create_token,
+        list_tokens,
+        revoke_token
+    ),
+    tags(
+        (name = "events", description = "Records in: one envelope, a JSON array or NDJSON; answered once durably committed."),
+        (name = "kinds", description = "Kinds of records and the types of their fields."),
+        (name = "quarantine", description = "Records that were refused, with their raw text and why."),
+        (name = "tokens", description = "Bearer tokens: create (the secret is shown once), list, revoke.")
+    )
+)]
+struct IngestDoc;
+
+impl IngestState {
+    /// The OpenAPI document of the ingest role's endpoints.
+    pub fn openapi() -> utoipa::openapi::OpenApi {
+        IngestDoc::openapi()
+    }
+}
+
+/// Defaults for envelopes that leave these fields out.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct IngestQuery {
+    /// The kind of envelopes that do not name one.
     kind: Option<String>,
+    /// The source of envelopes that do not name one.
     source: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// One record as a producer sends it. `kind` and `source` may be left out when the query
+/// string gives them.
+// Only a schema: `parse.rs` reads envelopes item by item, so that a bad one is quarantined
+// rather than refused. `Deserialize` carries `deny_unknown_fields` into the schema.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ProducerEnvelope {
+    /// The record's id; leave it out to have a time-ordered one assigned. Sending a record
+    /// again with the same id and content is a duplicate, with other content a conflict.
+    data_id: Option<Uuid>,
+    /// What the record is (1 to 200 characters, no control characters).
+    #[schema(example = "generation")]
+    kind: Option<String>,
+    /// Where it comes from (1 to 200 characters, no control characters).
+    #[schema(example = "generator-10")]
+    source: Option<String>,
+    /// Event time, RFC 3339, from year 1 to 9999; defaults to the time it is received.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    created: Option<String>,
+    /// The measurements: field names of 1 to 256 characters, values of the types the kind
+    /// declares or learned from its first records.
+    #[schema(value_type = Object, example = json!({"output_mw": 12.5}))]
+    data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The JSON body of `POST /v1/events`.
+struct EventsBody;
+
+impl PartialSchema for EventsBody {
+    fn schema() -> RefOr<Schema> {
+        let envelope = || Ref::from_schema_name(ProducerEnvelope::name());
+        let anything_else = SchemaType::Array(vec![
+            Type::Object,
+            Type::String,
+            Type::Number,
+            Type::Boolean,
+            Type::Null,
+        ]);
+        AnyOfBuilder::new()
+            .description(Some(
+                "One envelope, or an array of them. Each item is judged on its own: one that is not a valid envelope is quarantined and listed in `errors`, and the others are written; so any other JSON value is taken too, but for an empty array.",
+            ))
+            .item(envelope())
+            .item(ArrayBuilder::new().items(envelope()).min_items(Some(1)))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(anything_else)
+                    .description(Some("Not an envelope: quarantined.")),
+            )
+            .item(
+                ArrayBuilder::new()
+                    .items(ObjectBuilder::new().schema_type(SchemaType::AnyValue))
+                    .min_items(Some(1))
+                    .description(Some(
+                        "Items that are not envelopes are quarantined, the others written.",
+                    )),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for EventsBody {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((
+            ProducerEnvelope::name().into_owned(),
+            ProducerEnvelope::schema(),
+        ));
+    }
+}
+
+/// A line (or array item) that was quarantined.
+#[derive(Debug, Serialize, ToSchema)]
 struct LineError {
+    /// The line of the body (or item of the array), from 1.
+    #[schema(minimum = 1)]
     line: usize,
     error: String,
 }
 
-#[derive(Debug, Serialize)]
+/// What became of a batch.
+#[derive(Debug, Serialize, ToSchema)]
 struct IngestResponse {
+    /// Records written.
     accepted: u64,
+    /// Records already stored with the same content.
     duplicates: u64,
+    /// Records quarantined.
     quarantined: u64,
+    /// Why each quarantined record was refused (the first 1,000; all are in the quarantine).
     errors: Vec<LineError>,
 }
 
@@ -77,6 +194,33 @@ fn overloaded(state: &IngestState) -> ApiError {
     )
 }
 
+/// Ingest records.
+///
+/// The body is one envelope, a JSON array, or NDJSON (one envelope per line), plain or with
+/// `Content-Encoding: gzip` (within the same size limit once inflated). Answers once the
+/// batch is durably committed; records that are not valid are quarantined, and the others
+/// written.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "events",
+    security(("bearer" = [])),
+    params(IngestQuery),
+    request_body(
+        description = "One envelope, a JSON array of them, or NDJSON (one envelope per line, as in `{\"kind\":\"generation\",\"source\":\"g1\",\"data\":{\"output_mw\":1.5}}`); optionally gzip-compressed (`Content-Encoding: gzip`).",
+        content(
+            (EventsBody = "application/json"),
+            (String = "application/x-ndjson")
+        )
+    ),
+    responses(
+        (status = 200, description = "The batch is committed: what was written, what was a duplicate, and what was quarantined.", body = IngestResponse),
+        (status = 400, description = "Nothing in the body is JSON, or it is not valid gzip.", body = scholia_http::ProblemBody, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive in time.", body = scholia_http::ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "The body (or what it inflates to) is larger than `SCHOLIA_MAX_BODY_BYTES`.", body = scholia_http::ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "The Content-Type is not JSON or NDJSON, or the Content-Encoding is not gzip.", body = scholia_http::ProblemBody, content_type = "application/problem+json")
+    )
+)]
 async fn post_events(
     Ingester(token): Ingester,
     State(state): State<IngestState>,
@@ -312,19 +456,34 @@ fn parse_uuid(text: &str, what: &str) -> ApiResult<Uuid> {
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not {what}; it is a UUID.")))
 }
 
-#[derive(Serialize)]
+/// A stored record.
+#[derive(Serialize, ToSchema)]
 struct StoredRecord {
     data_id: Uuid,
     kind: String,
     source: String,
+    #[schema(format = DateTime)]
     created: String,
+    #[schema(value_type = Object)]
     data: serde_json::Map<String, serde_json::Value>,
+    /// When it was committed.
+    #[schema(format = DateTime)]
     received_at: String,
+    /// The log sequence of the `source.ingested` event that brought it in.
     seq: i64,
 }
 
+/// A stored record, by its id.
+#[utoipa::path(
+    get,
+    path = "/v1/events/{data_id}",
+    tag = "events",
+    security(("bearer" = [])),
+    params(("data_id" = Uuid, Path, description = "The record's id.")),
+    responses((status = 200, description = "The record, with when it was received and its log sequence.", body = StoredRecord))
+)]
 async fn get_event(
-    Reader(_): Reader,
+    Reader(_reader): Reader,
     State(state): State<IngestState>,
     AppPath(data_id): AppPath<String>,
 ) -> ApiResult<Json<StoredRecord>> {
@@ -348,7 +507,7 @@ async fn get_event(
 }
 
 /// A field of a kind, as `GET /v1/kinds` shows it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct FieldView {
     #[serde(flatten)]
     spec: FieldSpec,
@@ -356,10 +515,12 @@ struct FieldView {
     column: String,
 }
 
-#[derive(Serialize)]
+/// A kind and its fields, by name.
+#[derive(Serialize, ToSchema)]
 struct KindView {
     kind: String,
     fields: BTreeMap<String, FieldView>,
+    #[schema(format = DateTime)]
     updated_at: String,
 }
 
@@ -381,13 +542,23 @@ impl From<KindInfo> for KindView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct KindList {
     kinds: Vec<KindView>,
 }
 
+/// Every kind with its fields' types.
+///
+/// Types are declared, or learned from a kind's first records.
+#[utoipa::path(
+    get,
+    path = "/v1/kinds",
+    tag = "kinds",
+    security(("bearer" = [])),
+    responses((status = 200, description = "The kinds.", body = KindList))
+)]
 async fn list_kinds(
-    Reader(_): Reader,
+    Reader(_reader): Reader,
     State(state): State<IngestState>,
 ) -> ApiResult<Json<KindList>> {
     let kinds = state.core.store.kinds.list().await?;
@@ -396,12 +567,27 @@ async fn list_kinds(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// The declared types of a kind's fields, by field name.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"fields": {"output_mw": "float"}}))]
 struct KindDeclaration {
+    /// Field names are 1 to 256 characters, without control characters.
     fields: BTreeMap<String, FieldType>,
 }
 
+/// Declare the types of a kind's fields.
+///
+/// Records whose fields have other types are quarantined from then on.
+#[utoipa::path(
+    put,
+    path = "/v1/kinds/{kind}",
+    tag = "kinds",
+    security(("bearer" = [])),
+    params(("kind" = String, Path, min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$", description = "The kind: 1 to 200 characters, without control characters.", example = "generation")),
+    request_body = KindDeclaration,
+    responses((status = 200, description = "The kind as it is now.", body = KindView))
+)]
 async fn put_kind(
     Admin(token): Admin,
     State(state): State<IngestState>,
@@ -409,7 +595,7 @@ async fn put_kind(
     AppJson(declaration): AppJson<KindDeclaration>,
 ) -> ApiResult<Json<KindView>> {
     if kind.is_empty() || kind.len() > 200 || kind.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             "A kind name must be 1 to 200 characters long, without control characters.",
         ));
     }
@@ -418,7 +604,7 @@ async fn put_kind(
         .keys()
         .find(|name| name.is_empty() || name.len() > 256 || name.chars().any(char::is_control))
     {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::invalid(format!(
             "Field name {name:?} must be 1 to 256 characters long, without control characters."
         )));
     }
@@ -432,39 +618,51 @@ async fn put_kind(
     Ok(Json(KindView::from(info)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct QuarantineQuery {
     /// Oldest first, after this id.
     after: Option<i64>,
     /// Newest first, before this id (the default, from the newest).
     before: Option<i64>,
+    /// How many records, from 1 to 1000 (100 when left out).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+/// A page of the quarantine.
+#[derive(Serialize, ToSchema)]
 struct QuarantinePage {
-    records: Vec<QuarantineView>,
-    /// Pass as `after` (oldest-first pages) or `before` (newest-first pages) for the next.
+    records: Vec<Quarantined>,
+    /// Pass as `after` for the next page (oldest-first pages).
     #[serde(skip_serializing_if = "Option::is_none")]
     next_after: Option<i64>,
+    /// Pass as `before` for the next page (newest-first pages).
     #[serde(skip_serializing_if = "Option::is_none")]
     next_before: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct QuarantineView {
-    #[serde(flatten)]
-    record: Quarantined,
-}
-
+/// Quarantined records.
+///
+/// Newest first (before `before`), or oldest first after `after`.
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine",
+    tag = "quarantine",
+    security(("bearer" = [])),
+    params(QuarantineQuery),
+    responses((status = 200, description = "A page of records.", body = QuarantinePage))
+)]
 async fn list_quarantine(
-    Admin(_): Admin,
+    Admin(_admin): Admin,
     State(state): State<IngestState>,
     AppQuery(q): AppQuery<QuarantineQuery>,
 ) -> ApiResult<Json<QuarantinePage>> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1_000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be from 1 to 1000."));
+        return Err(ApiError::bad_request(
+            "Give limit as a number from 1 to 1000.",
+        ));
     }
     let store = &state.core.store.quarantine;
     let (records, next_after, next_before) = match q.after {
@@ -480,26 +678,29 @@ async fn list_quarantine(
         }
     };
     Ok(Json(QuarantinePage {
-        records: records
-            .into_iter()
-            .map(|record| QuarantineView { record })
-            .collect(),
+        records,
         next_after,
         next_before,
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// A token to create.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"scope": "ingest", "sources": ["generator-*"]}))]
 struct CreateToken {
     scope: Scope,
+    /// For ingest tokens only: the sources it may write, as patterns where `*` matches any
+    /// run of characters and `?` one (1 to 200 characters each); none means any source.
     #[serde(default)]
     sources: Vec<String>,
+    /// What it is for, at most 200 characters (default: "<scope> token").
     #[serde(default)]
     name: Option<String>,
 }
 
-#[derive(Serialize)]
+/// A new token, with its secret.
+#[derive(Serialize, ToSchema)]
 struct CreatedToken {
     #[serde(flatten)]
     token: Token,
@@ -508,13 +709,22 @@ struct CreatedToken {
     secret: String,
 }
 
+/// Create a token; its secret is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "tokens",
+    security(("bearer" = [])),
+    request_body = CreateToken,
+    responses((status = 201, description = "The token, with its secret.", body = CreatedToken))
+)]
 async fn create_token(
     Admin(admin): Admin,
     State(state): State<IngestState>,
     AppJson(request): AppJson<CreateToken>,
 ) -> ApiResult<impl IntoResponse> {
     if !request.sources.is_empty() && request.scope != Scope::Ingest {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             "Source patterns limit ingest tokens only; leave sources out for read and admin tokens.",
         ));
     }
@@ -523,7 +733,7 @@ async fn create_token(
         .iter()
         .any(|s| s.is_empty() || s.len() > 200)
     {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             "A source pattern must be 1 to 200 characters long.",
         ));
     }
@@ -531,7 +741,7 @@ async fn create_token(
         .name
         .unwrap_or_else(|| format!("{} token", request.scope));
     if name.len() > 200 {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             "A token's name must be at most 200 characters long.",
         ));
     }
@@ -551,13 +761,21 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedToken { token, secret })))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TokenList {
     tokens: Vec<Token>,
 }
 
+/// Every live token, without secrets.
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "tokens",
+    security(("bearer" = [])),
+    responses((status = 200, description = "The tokens.", body = TokenList))
+)]
 async fn list_tokens(
-    Admin(_): Admin,
+    Admin(_admin): Admin,
     State(state): State<IngestState>,
 ) -> ApiResult<Json<TokenList>> {
     Ok(Json(TokenList {
@@ -565,12 +783,33 @@ async fn list_tokens(
     }))
 }
 
+/// Revoke a token.
+///
+/// It stops working at once in this process, and within seconds in others. A token cannot
+/// revoke itself.
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    tag = "tokens",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The token's id.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 409, description = "The token is the one making the request; a token cannot revoke itself.", body = scholia_http::ProblemBody, content_type = "application/problem+json")
+    )
+)]
 async fn revoke_token(
     Admin(admin): Admin,
     State(state): State<IngestState>,
     AppPath(id): AppPath<String>,
 ) -> ApiResult<StatusCode> {
     let id = parse_uuid(&id, "a token id")?;
+    if id == admin.id {
+        // Revoking the only admin token would leave nobody able to administer.
+        return Err(ApiError::conflict(
+            "A token cannot revoke itself; revoke it with another admin token.",
+        ));
+    }
     if !state.core.store.tokens.revoke(id, &admin.actor()).await? {
         return Err(ApiError::not_found(format!("No live token has id {id}.")));
     }

@@ -1,6 +1,7 @@
 //! Starting the real `scholia` binary against a fresh database (and, for PostgreSQL, a
 //! fresh NATS subject prefix), and talking to it.
 
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -623,5 +624,96 @@ impl Drop for StreamCleanup {
             });
         })
         .join();
+    }
+}
+
+/// A NATS server of this test's own, so that it can be stopped and started.
+pub struct OwnNats {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
+}
+
+impl OwnNats {
+    pub fn start(dir: &std::path::Path) -> OwnNats {
+        Self::start_with(dir, None)
+    }
+
+    /// A server with `config` (nats-server configuration text) besides its port and store.
+    pub fn start_with(dir: &std::path::Path, config: Option<&str>) -> OwnNats {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = config.map(|text| {
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, text).expect("writing a NATS configuration");
+            path
+        });
+        let mut nats = OwnNats {
+            child: None,
+            port,
+            dir: dir.join("nats"),
+            config,
+        };
+        nats.restart();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let binary = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "nats-server",
+        ]
+        .into_iter()
+        .find(|b| !b.starts_with('/') || std::path::Path::new(b).exists())
+        .unwrap();
+        let mut command = Command::new(binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server (install the nats-server package)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -6,11 +6,16 @@
 #![allow(unreachable_pub, dead_code)]
 
 mod helpers;
+mod ws;
 
 mod analyses;
 mod auth;
 mod browser;
 mod durability;
+mod graph;
+mod hostile;
 mod ingest;
 mod live;
+mod openapi;
+mod truth;
 mod websocket;

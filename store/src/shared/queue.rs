@@ -53,7 +53,8 @@ pub(crate) async fn request_in(
     };
     let now = Timestamp(Utc::now());
     let mut counters = BTreeMap::new();
-    for chunk in partitions.chunks(MAX_BINDS / 8) {
+    // Nine binds a row, and one for the statement.
+    for chunk in partitions.chunks(MAX_BINDS / 10) {
         let mut q = QueryBuilder::<Db>::new(
             "INSERT INTO partition_state (analysis, partition, state, priority, requested, claimed, not_before, attempts, updated_at) ",
         );
@@ -72,7 +73,8 @@ pub(crate) async fn request_in(
             " ON CONFLICT (analysis, partition) DO UPDATE SET \
                requested = CASE WHEN ",
         );
-        q.push_bind(want == Want::Present);
+        // Only an admin's rebuild makes a build under way go round again.
+        q.push_bind(want != Want::Rebuild);
         q.push(
             " AND partition_state.state IN ('queued', 'running') \
                   THEN partition_state.requested ELSE partition_state.requested + 1 END, \
@@ -408,15 +410,15 @@ impl BuildQueue for Backend {
     async fn abandon_poisoned(&self, max_attempts: i32, error: &str) -> Result<Vec<Abandoned>> {
         let now = Timestamp(Utc::now());
         // Look first without the lock: almost always there is nothing.
-        let any: Option<i64> = sqlx::query_scalar::<Db, i64>(
-            "SELECT 1 FROM partition_state WHERE state = 'running' AND lease_until < $1 AND attempts >= $2 LIMIT 1",
+        let any: i64 = sqlx::query_scalar::<Db, i64>(
+            "SELECT COUNT(*) FROM partition_state WHERE state = 'running' AND lease_until < $1 AND attempts >= $2",
         )
         .bind(now)
         .bind(max_attempts)
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .ctx("looking for abandoned builds")?;
-        if any.is_none() {
+        if any == 0 {
             return Ok(Vec::new());
         }
         let mut tx = self.write().await?;

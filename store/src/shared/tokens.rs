@@ -64,6 +64,27 @@ fn created_event(actor: &str, token: &Token) -> NewEvent {
     )
 }
 
+impl Backend {
+    /// What is stored of a bootstrap secret, if anything.
+    async fn bootstrapped(&self, secret_hash: &str) -> Result<Option<Bootstrap>> {
+        let row: Option<(Uuid, String, String, String, Timestamp, Option<Timestamp>)> =
+            sqlx::query_as::<Db, _>(
+                "SELECT id, scope, sources, name, created_at, revoked_at FROM tokens WHERE secret_hash = $1",
+            )
+            .bind(secret_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .ctx("looking up the bootstrap token")?;
+        match row {
+            None => Ok(None),
+            Some((.., Some(_))) => Ok(Some(Bootstrap::Revoked)),
+            Some((id, scope, sources, name, created_at, None)) => Ok(Some(Bootstrap::Existing(
+                token((id, scope, sources, name, created_at))?,
+            ))),
+        }
+    }
+}
+
 #[async_trait]
 impl Tokens for Backend {
     async fn create(
@@ -83,26 +104,23 @@ impl Tokens for Backend {
     }
 
     async fn bootstrap(&self, scope: Scope, name: &str, secret_hash: &str) -> Result<Bootstrap> {
+        // Look first without the log lock: a process starting while others work (or while
+        // the lock is busy) need not wait for it when the token exists, as it usually does.
+        if let Some(found) = self.bootstrapped(secret_hash).await? {
+            return Ok(found);
+        }
         let mut tx = self.write().await?;
-        let row: Option<(TokenRow, Option<Timestamp>)> = sqlx::query_as::<Db, (Uuid, String, String, String, Timestamp, Option<Timestamp>)>(
-            "SELECT id, scope, sources, name, created_at, revoked_at FROM tokens WHERE secret_hash = $1",
-        )
-        .bind(secret_hash)
-        .fetch_optional(tx.conn())
-        .await
-        .ctx("looking up the bootstrap token")?
-        .map(|(id, scope, sources, name, created, revoked)| ((id, scope, sources, name, created), revoked));
-        let outcome = match row {
-            Some((_, Some(_))) => Bootstrap::Revoked,
-            Some((row, None)) => Bootstrap::Existing(token(row)?),
-            None => {
-                let token = insert(&mut tx, scope, Vec::new(), name, secret_hash).await?;
-                super::log::append(&mut tx, vec![created_event("scholia", &token)]).await?;
-                Bootstrap::Created(token)
+        let token = match insert(&mut tx, scope, Vec::new(), name, secret_hash).await {
+            Ok(token) => token,
+            Err(error) => {
+                drop(tx);
+                // Another process may have stored it meanwhile.
+                return self.bootstrapped(secret_hash).await?.ok_or(error);
             }
         };
+        super::log::append(&mut tx, vec![created_event("scholia", &token)]).await?;
         tx.commit().await?;
-        Ok(outcome)
+        Ok(Bootstrap::Created(token))
     }
 
     async fn lookup(&self, secret_hash: &str) -> Result<Option<Token>> {
