@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use scholia_analytics::frame_files::FrameFiles;
 use scholia_analytics::frames::FrameCache;
 use scholia_analytics::{AnalyticsState, Registry, WorkerSettings, Workers};
 use scholia_annotation_cache::{AnnotationCache, Catalog};
@@ -139,13 +140,15 @@ impl Application {
                 let settings = WorkerSettings {
                     concurrency: config.worker_concurrency,
                     build_timeout: config.build_timeout,
+                    build_memory_mb: config.build_memory_mb,
                     reconcile_every: config.reconcile_every,
                     ..WorkerSettings::default()
                 };
+                let files = frame_files(&store, config).await?;
                 Workers::new(
                     cache.clone(),
                     registry.clone(),
-                    FrameCache::new(config.frame_cache_bytes),
+                    FrameCache::new(config.frame_cache_bytes, files),
                     settings,
                 )
                 .spawn(&supervisor);
@@ -159,7 +162,12 @@ impl Application {
                     }));
             }
             if config.has_role("visualizer") {
-                let hub = scholia_visualizer::Hub::new(cache, config.allowed_origins.clone());
+                let limits = scholia_visualizer::HubLimits {
+                    sockets_per_token: config.max_sockets_per_token,
+                    subscriptions_per_token: config.max_subscriptions_per_token,
+                };
+                let hub =
+                    scholia_visualizer::Hub::new(cache, config.allowed_origins.clone(), limits);
                 let follower = hub.clone();
                 supervisor.spawn("websocket-hub", OnFailure::Restart, move |stop| {
                     follower.clone().follow_bus(stop)
@@ -236,6 +244,26 @@ impl Application {
 }
 
 /// Make sure an admin token exists. Returns a new secret to print when one was created.
+/// The worker's frame files, in a folder of `SCHOLIA_FRAME_DIR` named by the database.
+async fn frame_files(store: &Store, config: &ServeConfig) -> Result<Option<FrameFiles>> {
+    if config.frame_disk_bytes == 0 {
+        return Ok(None);
+    }
+    let installation = store.database.installation().await?;
+    let (dir, max) = (config.frame_dir.clone(), config.frame_disk_bytes);
+    let files = tokio::task::spawn_blocking(move || FrameFiles::open(&dir, installation, max))
+        .await
+        .context("opening the frame folder")?
+        .with_context(|| {
+            format!(
+                "could not use {} for frames; set SCHOLIA_FRAME_DIR to a writable folder, \
+                 or SCHOLIA_FRAME_DISK_MB=0 to keep frames in memory only",
+                config.frame_dir.display()
+            )
+        })?;
+    Ok(Some(files))
+}
+
 async fn bootstrap_admin(store: &Store, configured: Option<&str>) -> Result<Option<String>> {
     if let Some(secret) = configured {
         let outcome = store

@@ -67,6 +67,10 @@ pub(crate) struct ServeArgs {
     /// The longest one build may run, in seconds.
     #[arg(long, env = "SCHOLIA_BUILD_TIMEOUT_SECONDS", default_value = "600")]
     pub(crate) build_timeout_seconds: String,
+    /// The most memory a SQL analysis' build may use, in megabytes; past it the build
+    /// fails and says so.
+    #[arg(long, env = "SCHOLIA_BUILD_MEMORY_MB", default_value = "2048")]
+    pub(crate) build_memory_mb: String,
     /// How often the reconciler compares built partitions with what SQL holds, in
     /// seconds: the longest a lost bus message can delay a rebuild.
     #[arg(long, env = "SCHOLIA_RECONCILE_SECONDS", default_value = "5")]
@@ -74,6 +78,16 @@ pub(crate) struct ServeArgs {
     /// Origins besides the page's own allowed to open the websocket (comma-separated).
     #[arg(long, env = "SCHOLIA_ALLOWED_ORIGINS", default_value = "")]
     pub(crate) allowed_origins: String,
+    /// The most websockets one token may hold open at once.
+    #[arg(long, env = "SCHOLIA_MAX_SOCKETS_PER_TOKEN", default_value = "10000")]
+    pub(crate) max_sockets_per_token: String,
+    /// The most websocket subscriptions one token may hold, over all its sockets.
+    #[arg(
+        long,
+        env = "SCHOLIA_MAX_SUBSCRIPTIONS_PER_TOKEN",
+        default_value = "20000"
+    )]
+    pub(crate) max_subscriptions_per_token: String,
     /// Memory for cached annotations, in megabytes.
     #[arg(long, env = "SCHOLIA_CACHE_MB", default_value = "256")]
     pub(crate) cache_mb: String,
@@ -81,6 +95,13 @@ pub(crate) struct ServeArgs {
     /// rebuilding unchanged partitions skips reading and parsing their records.
     #[arg(long, env = "SCHOLIA_FRAME_CACHE_MB", default_value = "1024")]
     pub(crate) frame_cache_mb: String,
+    /// Where a worker keeps kinds' frames on disk, so that a restart does not turn
+    /// rebuilds into reads of every record (a folder per database inside it).
+    #[arg(long, env = "SCHOLIA_FRAME_DIR", default_value = "scholia-data/frames")]
+    pub(crate) frame_dir: PathBuf,
+    /// Disk a worker keeps frames on, in megabytes (0: none).
+    #[arg(long, env = "SCHOLIA_FRAME_DISK_MB", default_value = "4096")]
+    pub(crate) frame_disk_mb: String,
 }
 
 #[derive(Debug, Clone)]
@@ -101,10 +122,15 @@ pub(crate) struct ServeConfig {
     pub(crate) quarantine_max_rows: u64,
     pub(crate) worker_concurrency: usize,
     pub(crate) build_timeout: Duration,
+    pub(crate) build_memory_mb: u64,
     pub(crate) reconcile_every: Duration,
     pub(crate) allowed_origins: Vec<String>,
+    pub(crate) max_sockets_per_token: usize,
+    pub(crate) max_subscriptions_per_token: usize,
     pub(crate) cache_bytes: u64,
     pub(crate) frame_cache_bytes: u64,
+    pub(crate) frame_dir: PathBuf,
+    pub(crate) frame_disk_bytes: u64,
 }
 
 impl ServeConfig {
@@ -238,15 +264,34 @@ impl ServeArgs {
             1,
             86_400,
         );
+        let build_memory_mb: u64 = p.number(
+            "SCHOLIA_BUILD_MEMORY_MB",
+            &self.build_memory_mb,
+            64,
+            1 << 20,
+        );
         let reconcile: u64 = p.number(
             "SCHOLIA_RECONCILE_SECONDS",
             &self.reconcile_seconds,
             1,
             3_600,
         );
+        let max_sockets_per_token: usize = p.number(
+            "SCHOLIA_MAX_SOCKETS_PER_TOKEN",
+            &self.max_sockets_per_token,
+            1,
+            1_000_000,
+        );
+        let max_subscriptions_per_token: usize = p.number(
+            "SCHOLIA_MAX_SUBSCRIPTIONS_PER_TOKEN",
+            &self.max_subscriptions_per_token,
+            1,
+            10_000_000,
+        );
         let cache_mb: u64 = p.number("SCHOLIA_CACHE_MB", &self.cache_mb, 1, 1 << 20);
         let frame_cache_mb: u64 =
             p.number("SCHOLIA_FRAME_CACHE_MB", &self.frame_cache_mb, 0, 1 << 20);
+        let frame_disk_mb: u64 = p.number("SCHOLIA_FRAME_DISK_MB", &self.frame_disk_mb, 0, 1 << 30);
         if !p.0.is_empty() {
             bail!("invalid configuration:\n  - {}", p.0.join("\n  - "));
         }
@@ -267,6 +312,7 @@ impl ServeArgs {
             quarantine_max_rows,
             worker_concurrency,
             build_timeout: Duration::from_secs(build_timeout),
+            build_memory_mb,
             reconcile_every: Duration::from_secs(reconcile),
             allowed_origins: self
                 .allowed_origins
@@ -274,8 +320,12 @@ impl ServeArgs {
                 .map(|o| o.trim().trim_end_matches('/').to_string())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            max_sockets_per_token,
+            max_subscriptions_per_token,
             cache_bytes: cache_mb * 1024 * 1024,
             frame_cache_bytes: frame_cache_mb * 1024 * 1024,
+            frame_dir: self.frame_dir,
+            frame_disk_bytes: frame_disk_mb * 1024 * 1024,
         })
     }
 }

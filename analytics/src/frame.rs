@@ -1,13 +1,19 @@
 //! Loading one partition of a kind's records into a Polars `DataFrame`, column by
-//! column (never row by row through `AnyValue`). Columns follow the kind's schema: a field
-//! has its schema's type in every partition, present or not, so an analysis that names a
-//! field works on an empty partition too (it makes no rows of it).
+//! column: each row's `data` is parsed straight into the column builders (no JSON value
+//! tree per row), and the envelope's strings go into Arrow string views. Columns follow
+//! the kind's schema: a field has its schema's type in every partition, present or not,
+//! so an analysis that names a field works on an empty partition too (it makes no rows of
+//! it). Rows come in any order and leave ordered by `created`, then `data_id`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 
 use chrono::DateTime;
 use polars::prelude::*;
-use serde_json::Value;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Number, Value};
+use uuid::Uuid;
 
 use scholia_events::schema::{FieldType, KindSchema, column_name};
 use scholia_events::store::{RecordRow, RecordSink, Summary};
@@ -36,7 +42,32 @@ fn dtype_of(ty: Option<FieldType>) -> DataType {
 
 /// An empty frame with the columns the kind's records have.
 pub fn empty(kind: &str, schema: &KindSchema) -> PolarsResult<DataFrame> {
-    Ok(FrameBuilder::new(kind, schema).finish()?.frame)
+    FrameBuilder::new(kind, schema)
+        .finish(Summary::default())
+        .map(|input| input.frame)
+}
+
+/// One value of a row's `data`, borrowed from the row where it can be.
+enum Datum<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    Str(Cow<'a, str>),
+    /// An object or array, kept as its JSON text.
+    Nested(Value),
+}
+
+impl Datum<'_> {
+    /// The value as text, for a text column: strings as they are, the rest as JSON.
+    fn text(&self) -> Cow<'_, str> {
+        match self {
+            Datum::Null => Cow::Borrowed("null"),
+            Datum::Bool(b) => Cow::Owned(b.to_string()),
+            Datum::Number(n) => Cow::Owned(n.to_string()),
+            Datum::Str(s) => Cow::Borrowed(s),
+            Datum::Nested(v) => Cow::Owned(v.to_string()),
+        }
+    }
 }
 
 /// Column builders that start untyped and widen as values arrive: int → float, and
@@ -51,6 +82,8 @@ enum Col {
 }
 
 struct Field {
+    /// The frame's column name for this field (see `column_name`).
+    column: String,
     col: Col,
     declared: Option<FieldType>,
     /// Rows seen before this field first appeared, and since then through `len`.
@@ -58,6 +91,15 @@ struct Field {
 }
 
 impl Field {
+    fn new(name: &str, declared: Option<FieldType>) -> Field {
+        Field {
+            column: column_name(name),
+            col: Col::Null,
+            declared,
+            len: 0,
+        }
+    }
+
     fn pad_to(&mut self, len: usize) {
         while self.len < len {
             match &mut self.col {
@@ -72,16 +114,16 @@ impl Field {
         }
     }
 
-    fn push(&mut self, value: &Value) {
+    fn push(&mut self, value: Datum<'_>) {
         let n = self.len;
-        if value.is_null() {
+        if let Datum::Null = value {
             self.pad_to(n + 1);
             return;
         }
         let text_only = matches!(self.declared, Some(FieldType::String | FieldType::Json));
         match value {
-            _ if text_only => self.as_str(n).push(Some(text_of(value))),
-            Value::Number(x) => {
+            _ if text_only => self.as_str(n).push(Some(value.text().into_owned())),
+            Datum::Number(x) => {
                 let integral = x.as_i64().is_some() && self.declared != Some(FieldType::Float);
                 match self.col {
                     Col::Null | Col::Int(_) if integral => self.as_int(n).push(x.as_i64()),
@@ -89,20 +131,23 @@ impl Field {
                     _ => self.as_str(n).push(Some(x.to_string())),
                 }
             }
-            Value::Bool(b) => match self.col {
-                Col::Null | Col::Bool(_) => self.as_bool(n).push(Some(*b)),
+            Datum::Bool(b) => match self.col {
+                Col::Null | Col::Bool(_) => self.as_bool(n).push(Some(b)),
                 _ => self.as_str(n).push(Some(b.to_string())),
             },
-            Value::String(s) if self.declared == Some(FieldType::Timestamp) => match self.col {
+            Datum::Str(s) if self.declared == Some(FieldType::Timestamp) => match self.col {
                 Col::Null | Col::Time(_) => {
-                    let t = DateTime::parse_from_rfc3339(s)
+                    let t = DateTime::parse_from_rfc3339(&s)
                         .ok()
                         .map(|t| t.timestamp_micros());
                     self.as_time(n).push(t)
                 }
-                _ => self.as_str(n).push(Some(s.clone())),
+                _ => self.as_str(n).push(Some(s.into_owned())),
             },
-            other => self.as_str(n).push(Some(text_of(other))),
+            other => {
+                let text = other.text().into_owned();
+                self.as_str(n).push(Some(text))
+            }
         }
         self.len += 1;
     }
@@ -172,9 +217,9 @@ impl Field {
         }
     }
 
-    fn into_column(mut self, name: &str, len: usize) -> Column {
+    fn into_column(mut self, len: usize) -> Column {
         self.pad_to(len);
-        let name = PlSmallStr::from(name);
+        let name = PlSmallStr::from(self.column.as_str());
         match self.col {
             Col::Null => Series::full_null(name, len, &dtype_of(self.declared)).into_column(),
             Col::Bool(v) => Series::new(name, v).into_column(),
@@ -188,69 +233,55 @@ impl Field {
     }
 }
 
-fn text_of(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Builds a kind's frame from scanned rows.
+/// Builds a kind's frame from loaded rows.
 pub struct FrameBuilder {
     kind: String,
-    ids: Vec<String>,
-    sources: Vec<String>,
+    ids: Vec<Uuid>,
+    sources: StringChunkedBuilder,
     created: Vec<i64>,
     received: Vec<i64>,
-    max_seq: i64,
-    /// By column name.
+    /// By field name.
     fields: HashMap<String, Field>,
-    /// Field name → column name, for the fields seen.
-    columns: HashMap<String, String>,
-    schema: KindSchema,
 }
 
 impl FrameBuilder {
     pub fn new(kind: &str, schema: &KindSchema) -> Self {
-        let mut builder = FrameBuilder {
+        let fields = schema
+            .fields
+            .iter()
+            .map(|(name, spec)| (name.clone(), Field::new(name, Some(spec.ty))))
+            .collect();
+        FrameBuilder {
             kind: kind.to_string(),
             ids: Vec::new(),
-            sources: Vec::new(),
+            sources: StringChunkedBuilder::new("source".into(), 0),
             created: Vec::new(),
             received: Vec::new(),
-            max_seq: 0,
-            fields: HashMap::new(),
-            columns: HashMap::new(),
-            schema: schema.clone(),
-        };
-        for (name, spec) in &schema.fields {
-            let column = column_name(name);
-            builder.columns.insert(name.clone(), column.clone());
-            builder.fields.insert(
-                column,
-                Field {
-                    col: Col::Null,
-                    declared: Some(spec.ty),
-                    len: 0,
-                },
-            );
+            fields,
         }
-        builder
     }
 
-    pub fn reserve(&mut self, rows: usize) {
-        self.ids.reserve(rows);
-        self.sources.reserve(rows);
-        self.created.reserve(rows);
-        self.received.reserve(rows);
-    }
-
-    pub fn finish(self) -> PolarsResult<PartitionInput> {
+    /// The frame of the rows pushed, ordered by `created` then `data_id`; `summary` is what
+    /// the load says they are.
+    pub fn finish(self, summary: Summary) -> PolarsResult<PartitionInput> {
         let len = self.ids.len();
+        let mut ids = StringChunkedBuilder::new("data_id".into(), len);
+        let mut text = Uuid::encode_buffer();
+        for id in &self.ids {
+            ids.append_value(id.hyphenated().encode_lower(&mut text));
+        }
+        let order = order_of(&self.created, &self.ids);
         let mut columns = vec![
-            Series::new("data_id".into(), self.ids).into_column(),
-            Series::new("source".into(), self.sources).into_column(),
-            Series::new("kind".into(), vec![self.kind.clone(); len]).into_column(),
+            ids.finish().into_series().into_column(),
+            self.sources.finish().into_series().into_column(),
+            Column::new_scalar(
+                "kind".into(),
+                polars::prelude::Scalar::new(
+                    DataType::String,
+                    AnyValue::StringOwned(self.kind.into()),
+                ),
+                len,
+            ),
             Series::new("created".into(), self.created)
                 .into_datetime(TimeUnit::Microseconds, None)
                 .into_column(),
@@ -258,51 +289,182 @@ impl FrameBuilder {
                 .into_datetime(TimeUnit::Microseconds, None)
                 .into_column(),
         ];
-        let mut fields: Vec<(String, Field)> = self.fields.into_iter().collect();
-        fields.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, field) in fields {
-            columns.push(field.into_column(&name, len));
+        let mut fields: Vec<Field> = self.fields.into_values().collect();
+        fields.sort_by(|a, b| a.column.cmp(&b.column));
+        for field in fields {
+            columns.push(field.into_column(len));
         }
-        let frame = DataFrame::new(len, columns)?;
-        Ok(PartitionInput {
-            frame,
-            summary: Summary {
-                rows: len as i64,
-                max_seq: self.max_seq,
-            },
-        })
+        let mut frame = DataFrame::new(len, columns)?;
+        if let Some(order) = order {
+            frame = frame.take(&IdxCa::from_vec("order".into(), order))?;
+        }
+        Ok(PartitionInput { frame, summary })
     }
 }
 
+/// The permutation that orders rows by (`created`, `data_id`), or `None` when they are in
+/// order already (a load through the `(kind, created)` index mostly is).
+fn order_of(created: &[i64], ids: &[Uuid]) -> Option<Vec<IdxSize>> {
+    let key = |i: usize| (created[i], ids[i]);
+    if (1..created.len()).all(|i| key(i - 1) <= key(i)) {
+        return None;
+    }
+    let mut order: Vec<IdxSize> = (0..created.len() as IdxSize).collect();
+    order.sort_unstable_by_key(|&i| key(i as usize));
+    Some(order)
+}
+
 impl RecordSink for FrameBuilder {
+    fn reserve(&mut self, rows: usize) {
+        self.ids.reserve(rows);
+        self.created.reserve(rows);
+        self.received.reserve(rows);
+        if rows > 0 && self.created.is_empty() {
+            self.sources = StringChunkedBuilder::new("source".into(), rows);
+        }
+    }
+
     fn push(&mut self, row: RecordRow<'_>) {
         let index = self.ids.len();
-        self.ids.push(row.data_id.to_string());
-        self.sources.push(row.source.to_string());
+        self.ids.push(row.data_id);
+        self.sources.append_value(row.source);
         self.created.push(row.created);
         self.received.push(row.received_at);
-        self.max_seq = self.max_seq.max(row.seq);
-        let Ok(Value::Object(map)) = serde_json::from_str::<Value>(row.data) else {
-            return;
-        };
-        for (key, value) in map {
-            let column = match self.columns.get(&key) {
-                Some(column) => column.clone(),
-                None => {
-                    let column = column_name(&key);
-                    self.columns.insert(key.clone(), column.clone());
-                    column
-                }
-            };
-            let declared = self.schema.fields.get(&key).map(|spec| spec.ty);
-            let field = self.fields.entry(column).or_insert_with(|| Field {
-                col: Col::Null,
-                declared,
-                len: 0,
-            });
-            field.pad_to(index);
-            field.push(&value);
+        let mut parser = serde_json::Deserializer::from_str(row.data);
+        // `data` was checked to be a JSON object at ingest; should a row not parse, the
+        // fields it did not reach stay null.
+        let _ = parser.deserialize_map(RowVisitor {
+            fields: &mut self.fields,
+            index,
+        });
+    }
+}
+
+/// Visits one row's `data` object, pushing each value into its field's column.
+struct RowVisitor<'b> {
+    fields: &'b mut HashMap<String, Field>,
+    index: usize,
+}
+
+impl<'de> Visitor<'de> for RowVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            if !self.fields.contains_key(key.as_ref()) {
+                self.fields.insert(key.to_string(), Field::new(&key, None));
+            }
+            let field = self
+                .fields
+                .get_mut(key.as_ref())
+                .expect("inserted just above");
+            field.pad_to(self.index);
+            let value = map.next_value_seed(ValueSeed)?;
+            field.push(value);
         }
+        Ok(())
+    }
+}
+
+/// A key, borrowed from the row unless it holds escapes.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// A field's value as a `Datum`.
+struct ValueSeed;
+
+impl<'de> DeserializeSeed<'de> for ValueSeed {
+    type Value = Datum<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed {
+    type Value = Datum<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Datum::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Datum::Null)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Datum::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Datum::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Datum::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Number::from_f64(v).map_or(Datum::Null, Datum::Number))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Datum::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Datum::Str(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Datum::Str(Cow::Owned(v)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let value =
+            serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Datum::Nested(value))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let value =
+            serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Datum::Nested(value))
     }
 }
 
@@ -321,11 +483,10 @@ mod tests {
                 source: &source,
                 created: i as i64 * 1_000_000,
                 received_at: 0,
-                seq: i as i64 + 1,
                 data,
             });
         }
-        b.finish().unwrap().frame
+        b.finish(Summary::default()).unwrap().frame
     }
 
     fn schema(fields: &[(&str, FieldType)]) -> KindSchema {
@@ -408,6 +569,54 @@ mod tests {
         assert_eq!(
             df.column("source").unwrap().str().unwrap().get(0),
             Some("s0")
+        );
+    }
+
+    #[test]
+    fn rows_arriving_out_of_order_leave_ordered_by_created_then_id() {
+        let mut b = FrameBuilder::new("k", &KindSchema::default());
+        let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        for (created, id, data) in [
+            (5, ids[1], r#"{"v": 2}"#),
+            (1, ids[2], r#"{"v": 1}"#),
+            (5, ids[0], r#"{"v": 3}"#),
+        ] {
+            b.push(RecordRow {
+                data_id: id,
+                source: "s",
+                created,
+                received_at: 0,
+                data,
+            });
+        }
+        let df = b.finish(Summary::default()).unwrap().frame;
+        let v: Vec<Option<i64>> = df.column("v").unwrap().i64().unwrap().iter().collect();
+        assert_eq!(v, [Some(1), Some(3), Some(2)]);
+        let first = df
+            .column("data_id")
+            .unwrap()
+            .str()
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_string();
+        assert_eq!(first, ids[2].to_string());
+    }
+
+    #[test]
+    fn escaped_keys_and_nested_values_are_read_like_any_other() {
+        let df = build(
+            &[r#"{"caf\u00e9": 1, "tags": ["a", {"b": null}], "s": "line\nbreak"}"#],
+            &KindSchema::default(),
+        );
+        assert_eq!(df.column("café").unwrap().i64().unwrap().get(0), Some(1));
+        assert_eq!(
+            df.column("tags").unwrap().str().unwrap().get(0),
+            Some(r#"["a",{"b":null}]"#)
+        );
+        assert_eq!(
+            df.column("s").unwrap().str().unwrap().get(0),
+            Some("line\nbreak")
         );
     }
 }

@@ -1,18 +1,20 @@
-//! Kinds' frames, kept in memory and reused while their records are unchanged.
+//! Kinds' frames, kept in memory (and on local disk) and reused while their records are
+//! unchanged.
 //!
 //! Rewinding history reruns analyses over records that do not change: they are
 //! immutable, and a span only ever gains records. Each worker process therefore keeps
-//! the columnar frames it loaded (bounded by size), each with the summary of what it
-//! holds: its rows and their highest `seq`. Before reusing one it asks the span's
-//! per-hour summary (`record_hours`, written by ingest in the records' own transaction)
-//! whether anything arrived since: equal summaries mean equal records. When records did
-//! arrive (late data into a built day), only those with a `seq` above the frame's highest
-//! are read, in one statement, and appended.
+//! the columnar frames it loaded (in memory, bounded by size, and in files that outlive
+//! the process: `frame_files`), each with the summary of what it holds: its rows and
+//! their highest `seq`. Before reusing one it asks the span's per-hour summary
+//! (`record_hours`, written by ingest in the records' own transaction) whether anything
+//! arrived since: equal summaries mean equal records. When records did arrive (late data
+//! into a built day), only those with a `seq` above the frame's highest are read, and
+//! appended.
 //!
-//! Exact because commits happen in `seq` order (under the log lock): a load saw every
-//! record of its span up to the highest `seq` it holds and none above it, so "above the
-//! frame's highest `seq`" is exactly what the frame lacks, and a batch is wholly in an
-//! extension or wholly out of it.
+//! Exact because `seq` is assigned in commit order (under the log lock) and a load reads
+//! the summary and the records in one snapshot: a frame holds every record of its span up
+//! to its highest `seq` and none above it, so "above the frame's highest `seq`" is exactly
+//! what it lacks, and a batch is wholly in an extension or wholly out of it.
 
 use std::sync::Arc;
 
@@ -21,9 +23,10 @@ use moka::future::Cache;
 use polars::prelude::{Column, DataType, SortMultipleOptions};
 
 use scholia_events::schema::{FieldType, KindSchema, column_name};
-use scholia_events::store::{Records, Summary};
+use scholia_events::store::Records;
 
 use crate::frame::{self, ENVELOPE_COLUMNS, FrameBuilder, PartitionInput};
+use crate::frame_files::FrameFiles;
 use crate::{Result, frame_error};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,6 +47,8 @@ struct Entry {
 pub enum Source {
     /// Reused from memory: the span's records had not changed.
     Memory,
+    /// Reused from a file on local disk: the span's records had not changed.
+    Disk,
     /// Reused, with the records that arrived since read from the database and appended.
     Extended,
     /// Read from the database.
@@ -54,6 +59,7 @@ impl Source {
     pub fn metric(self) -> &'static str {
         match self {
             Source::Memory => "scholia_build_frames_reused_total",
+            Source::Disk => "scholia_build_frames_from_disk_total",
             Source::Extended => "scholia_build_frames_extended_total",
             Source::Database => "scholia_build_frames_loaded_total",
         }
@@ -64,22 +70,27 @@ impl Source {
 #[derive(Clone)]
 pub struct FrameCache {
     frames: Cache<Key, Arc<Entry>>,
+    files: Option<Arc<FrameFiles>>,
 }
 
 impl FrameCache {
-    /// A cache holding at most about `max_bytes` of frames (0 turns it off).
-    pub fn new(max_bytes: u64) -> FrameCache {
+    /// A cache holding at most about `max_bytes` of frames in memory (0 turns it off), and
+    /// those of `files` on disk.
+    pub fn new(max_bytes: u64, files: Option<FrameFiles>) -> FrameCache {
         let frames = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &Key, entry: &Arc<Entry>| {
                 u32::try_from(entry.input.frame.estimated_size()).unwrap_or(u32::MAX)
             })
             .build();
-        FrameCache { frames }
+        FrameCache {
+            frames,
+            files: files.map(Arc::new),
+        }
     }
 
-    /// The records of `kind` created in the whole hours `[from, to)`, from memory when
-    /// they are unchanged.
+    /// The records of `kind` created in the whole hours `[from, to)`, from memory or disk
+    /// when they are unchanged.
     pub async fn load(
         &self,
         records: &dyn Records,
@@ -94,38 +105,63 @@ impl FrameCache {
             to,
         };
         let now = records.summary(kind, from, to).await?;
-        let cached = match self.frames.get(&key).await {
+        let (found, origin) = match self.frames.get(&key).await {
+            Some(entry) => (Some(entry), Source::Memory),
+            None => (self.read_file(&key).await, Source::Disk),
+        };
+        let usable = match found {
             Some(entry) if entry.schema == *schema => Some(entry),
             // The kind's schema grew (records elsewhere brought a field): an unchanged
             // frame gets the new columns, null; one whose span gained records is read again.
             Some(entry) if entry.input.summary == now => conform(&entry, schema)?.map(Arc::new),
             _ => None,
         };
-        if let Some(entry) = &cached {
+        if let Some(entry) = usable {
             if entry.input.summary == now {
-                return Ok((entry.input.clone(), Source::Memory));
+                let input = entry.input.clone();
+                self.frames.insert(key, entry).await;
+                return Ok((input, origin));
             }
-            if let Some(input) = extend(records, entry, kind, from, to).await? {
+            if let Some(input) = extend(records, &entry, kind, from, to).await? {
                 self.keep(key, schema, &input).await;
                 return Ok((input, Source::Extended));
             }
         }
         let mut builder = FrameBuilder::new(kind, schema);
-        builder.reserve(usize::try_from(now.rows).unwrap_or(0));
-        records.scan(kind, from, to, 0, &mut builder).await?;
-        let input = builder.finish().map_err(frame_error)?;
+        let summary = records.load(kind, from, to, 0, &mut builder).await?;
+        let input = builder.finish(summary).map_err(frame_error)?;
         self.keep(key, schema, &input).await;
         Ok((input, Source::Database))
     }
 
+    async fn read_file(&self, key: &Key) -> Option<Arc<Entry>> {
+        let files = self.files.clone()?;
+        let key = key.clone();
+        let read = tokio::task::spawn_blocking(move || files.read(&key.kind, key.from, key.to));
+        let frame = read.await.ok()??;
+        Some(Arc::new(Entry {
+            schema: frame.schema,
+            input: frame.input,
+        }))
+    }
+
+    /// Keep a freshly read frame in memory, and write it to disk in the background.
     async fn keep(&self, key: Key, schema: &KindSchema, input: &PartitionInput) {
-        if input.summary.rows > 0 {
-            let entry = Entry {
-                schema: schema.clone(),
-                input: input.clone(),
-            };
-            self.frames.insert(key, Arc::new(entry)).await;
+        if input.summary.rows == 0 {
+            return;
         }
+        let entry = Arc::new(Entry {
+            schema: schema.clone(),
+            input: input.clone(),
+        });
+        if let Some(files) = self.files.clone() {
+            let entry = entry.clone();
+            let key = key.clone();
+            tokio::task::spawn_blocking(move || {
+                files.write(&key.kind, key.from, key.to, &entry.schema, &entry.input)
+            });
+        }
+        self.frames.insert(key, entry).await;
     }
 }
 
@@ -201,27 +237,28 @@ async fn extend(
 ) -> Result<Option<PartitionInput>> {
     let after = entry.input.summary.max_seq;
     let mut builder = FrameBuilder::new(kind, &entry.schema);
-    records.scan(kind, from, to, after, &mut builder).await?;
-    let new = builder.finish().map_err(frame_error)?;
-    let mut input = entry.input.clone();
-    if new.summary.rows == 0 {
-        return Ok(Some(input));
-    }
-    if new.frame.schema() != input.frame.schema() {
+    let summary = records.load(kind, from, to, after, &mut builder).await?;
+    let new = builder.finish(summary).map_err(frame_error)?;
+    let rows = entry.input.summary.rows + new.frame.height() as i64;
+    if rows != summary.rows {
+        // Not what the snapshot says the span holds: read it whole.
         return Ok(None);
     }
-    input.frame.vstack_mut(&new.frame).map_err(frame_error)?;
-    // In the order a full load gives.
-    input.frame = input
-        .frame
-        .sort(
-            ["created", "data_id"],
-            SortMultipleOptions::default().with_maintain_order(true),
-        )
-        .map_err(frame_error)?;
-    input.summary = Summary {
-        rows: input.summary.rows + new.summary.rows,
-        max_seq: input.summary.max_seq.max(new.summary.max_seq),
-    };
+    let mut input = entry.input.clone();
+    if new.frame.height() > 0 {
+        if new.frame.schema() != input.frame.schema() {
+            return Ok(None);
+        }
+        input.frame.vstack_mut(&new.frame).map_err(frame_error)?;
+        // In the order a full load gives.
+        input.frame = input
+            .frame
+            .sort(
+                ["created", "data_id"],
+                SortMultipleOptions::default().with_maintain_order(true),
+            )
+            .map_err(frame_error)?;
+    }
+    input.summary = summary;
     Ok(Some(input))
 }

@@ -85,6 +85,27 @@ impl PartitionView {
 
 type StateSnapshot = Arc<HashMap<PartitionKey, QueueState>>;
 
+/// One read's answer, rendered: what `GET /v1/annotations` sends again, unchanged, while
+/// nothing about the analysis changes.
+#[derive(Clone)]
+pub(crate) struct Rendered {
+    pub(crate) body: axum::body::Bytes,
+    pub(crate) content_type: &'static str,
+    /// Every partition was ready or failed: a `wait=` has nothing to wait for.
+    pub(crate) settled: bool,
+}
+
+/// A read's shape: the analysis, the range, the format, and the analysis' epoch when the
+/// read began.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ReadShape {
+    pub(crate) analysis: String,
+    pub(crate) from: DateTime<Utc>,
+    pub(crate) to: DateTime<Utc>,
+    pub(crate) format: &'static str,
+    pub(crate) epoch: u64,
+}
+
 #[derive(Clone)]
 pub struct AnnotationCache {
     core: Core,
@@ -96,6 +117,9 @@ pub struct AnnotationCache {
     /// before a bump may have seen the old state, so what it loaded is filed under its old
     /// epoch (queue states) or not kept at all (annotations).
     epochs: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
+    /// Rendered answers, filed under the epoch their read began in; like queue states,
+    /// they live 5 seconds at most, in case a change's event never arrived.
+    rendered: Cache<ReadShape, Rendered>,
     changes: broadcast::Sender<Arc<LoggedEvent>>,
 }
 
@@ -117,6 +141,13 @@ impl AnnotationCache {
             .max_capacity(10_000)
             .time_to_live(Duration::from_secs(5))
             .build();
+        let rendered = Cache::builder()
+            .max_capacity(max_bytes / 4)
+            .weigher(|key: &ReadShape, value: &Rendered| {
+                u32::try_from(key.analysis.len() + 96 + value.body.len()).unwrap_or(u32::MAX)
+            })
+            .time_to_live(Duration::from_secs(5))
+            .build();
         let (changes, _) = broadcast::channel(4_096);
         AnnotationCache {
             core,
@@ -124,6 +155,7 @@ impl AnnotationCache {
             annotations,
             queue_states,
             epochs: Arc::default(),
+            rendered,
             changes,
         }
     }
@@ -148,6 +180,34 @@ impl AnnotationCache {
             .entry(analysis.to_string())
             .or_default()
             .clone()
+    }
+
+    /// The shape of a read of `analysis` beginning now.
+    pub(crate) fn read_shape(
+        &self,
+        analysis: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        format: &'static str,
+    ) -> ReadShape {
+        ReadShape {
+            analysis: analysis.to_string(),
+            from,
+            to,
+            format,
+            epoch: self.epoch(analysis).load(Ordering::SeqCst),
+        }
+    }
+
+    pub(crate) async fn rendered(&self, shape: &ReadShape) -> Option<Rendered> {
+        self.rendered.get(shape).await
+    }
+
+    /// Keep a read's answer, unless something changed since the read began.
+    pub(crate) async fn keep_rendered(&self, shape: ReadShape, rendered: Rendered) {
+        if self.epoch(&shape.analysis).load(Ordering::SeqCst) == shape.epoch {
+            self.rendered.insert(shape, rendered).await;
+        }
     }
 
     fn bump(&self, analysis: &str) {
@@ -175,6 +235,7 @@ impl AnnotationCache {
                     self.bump_all();
                     self.annotations.invalidate_all();
                     self.queue_states.invalidate_all();
+                    self.rendered.invalidate_all();
                     if let Err(error) = self.catalog.refresh().await {
                         tracing::warn!(error = %error, "Cannot reload analyses");
                     }

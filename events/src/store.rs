@@ -50,6 +50,9 @@ pub trait Database: Send + Sync {
     fn backend(&self) -> &'static str;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<()>;
+    /// An id made once, with the database: what is kept outside the database (a worker's
+    /// frame files) is filed under it, so it is never taken for another database's.
+    async fn installation(&self) -> Result<Uuid>;
     async fn close(&self);
 }
 
@@ -140,13 +143,14 @@ pub struct RecordRow<'a> {
     /// Microseconds since the Unix epoch, UTC.
     pub created: i64,
     pub received_at: i64,
-    pub seq: i64,
     /// `data` as JSON text.
     pub data: &'a str,
 }
 
 /// Receives the rows of a scan, one at a time, without owning them.
 pub trait RecordSink: Send {
+    /// About how many rows are coming, before the first.
+    fn reserve(&mut self, _rows: usize) {}
     fn push(&mut self, row: RecordRow<'_>);
 }
 
@@ -173,16 +177,18 @@ pub trait Records: Send + Sync {
     /// one transaction. Returns only after the commit.
     async fn write(&self, batch: Batch) -> Result<Written>;
     async fn get(&self, data_id: Uuid) -> Result<Option<StoredEnvelope>>;
-    /// The records of `kind` created in `[from, to)` with `seq > after`, ordered by
-    /// `created` then `data_id`, read in one statement (one snapshot).
-    async fn scan(
+    /// Read, in one snapshot, the records of `kind` created in the whole hours
+    /// `[from, to)` whose `seq` is above `after`, in no particular order, and return the
+    /// span's summary in that same snapshot: what a frame holding the records up to
+    /// `after` and those read now holds.
+    async fn load(
         &self,
         kind: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         after: i64,
         sink: &mut dyn RecordSink,
-    ) -> Result<()>;
+    ) -> Result<Summary>;
     /// The summary of `kind`'s records in the whole hours `[from, to)`.
     async fn summary(&self, kind: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Summary>;
     /// Hours whose records moved after `seq` (at most `limit`, lowest `max_seq` first).
@@ -490,11 +496,14 @@ pub struct InvalidationPlan {
 pub struct Progress {
     pub id: Uuid,
     pub analysis: String,
+    #[schema(format = DateTime)]
     pub from: String,
+    #[schema(format = DateTime)]
     pub to: String,
     pub reason: String,
     pub rebuild: Rebuild,
     pub actor: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub state: InvalidationState,
     pub partitions_total: i64,

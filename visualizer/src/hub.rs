@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
@@ -17,23 +17,51 @@ use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use scholia_annotation_cache::{AnnotationCache, MAX_READ_PARTITIONS, PartitionView};
 use scholia_events::analysis::AnalysisMeta;
 use scholia_events::partition::parse_instant;
 use scholia_events::status::{BuildState, PartitionStatus};
 use scholia_events::{EventBody, LoggedEvent, PartitionKey, PartitionRun};
-use scholia_http::{ApiError, Core, QueryReader};
+use scholia_http::{ApiError, Core, Problem, QueryReader};
 
 use crate::protocol::{ClientMessage, ServerMessage};
 
 /// The largest message a client may send; a larger one closes its socket.
 const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
-/// Outgoing messages queued per socket before updates are dropped for a `resync`.
+/// Outgoing messages queued per socket before updates are dropped for a `resync`. The
+/// queue holds shared buffers: a message sent to many sockets exists once.
 const SEND_QUEUE: usize = 256;
+/// The most bytes queued in one socket's websocket writer: more than any one message
+/// (an annotation may be large), so a big partition never closes its subscribers.
+const MAX_WRITE_BUFFER: usize = 1 << 30;
 /// A socket that cannot take one message in this long is closed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 64;
+
+/// How much of the hub one token may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    pub sockets_per_token: usize,
+    pub subscriptions_per_token: usize,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            sockets_per_token: 10_000,
+            subscriptions_per_token: 20_000,
+        }
+    }
+}
+
+/// What one token holds now.
+#[derive(Debug, Default)]
+struct Held {
+    sockets: usize,
+    subscriptions: usize,
+}
 const MAX_SUBSCRIPTION_PARTITIONS: usize = 2_000;
 const _: () = assert!(MAX_SUBSCRIPTION_PARTITIONS <= MAX_READ_PARTITIONS);
 
@@ -45,6 +73,8 @@ pub struct Hub {
 struct Inner {
     cache: AnnotationCache,
     allowed_origins: Vec<String>,
+    limits: HubLimits,
+    held: Mutex<HashMap<Uuid, Held>>,
     next_client: AtomicU64,
     /// analysis → (client, subscription id) → subscription.
     subs: RwLock<HashMap<String, SubsOfAnalysis>>,
@@ -57,24 +87,50 @@ type SubsOfAnalysis = HashMap<(u64, String), Arc<Sub>>;
 struct Sub {
     id: String,
     client: u64,
+    owner: Arc<Client>,
     analysis: String,
-    keys: BTreeSet<PartitionKey>,
+    /// Its partitions, in order.
+    keys: Vec<PartitionKey>,
+    /// The generation last sent of each of `keys` (0: none), so that no generation goes
+    /// out twice or after a newer one: the subscription's first read and a completion
+    /// arriving over the bus may carry the same one.
+    sent: Mutex<Vec<i64>>,
     /// Partitions not ready yet; `ready` is sent when this empties.
     pending: Mutex<BTreeSet<PartitionKey>>,
     /// The newest version of the analysis this subscription has seen registered.
     version: AtomicI64,
 }
 
+impl Sub {
+    fn covers(&self, key: &PartitionKey) -> bool {
+        self.keys.binary_search(key).is_ok()
+    }
+
+    /// Record that `generation` of `key` goes out; false when it (or a newer one) did.
+    fn first_sight(&self, key: &PartitionKey, generation: i64) -> bool {
+        let Ok(at) = self.keys.binary_search(key) else {
+            return false;
+        };
+        let mut sent = self.sent.lock().expect("sent lock");
+        if generation != 0 && sent[at] >= generation {
+            return false;
+        }
+        sent[at] = sent[at].max(generation);
+        true
+    }
+}
+
 struct Client {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<Utf8Bytes>,
     lagged: AtomicBool,
     subs: Mutex<Vec<String>>,
+    token: Uuid,
 }
 
 impl Client {
     /// Queue a message without waiting; a full queue marks the client for `resync`.
-    fn offer(&self, text: String) {
-        match self.tx.try_send(text) {
+    fn offer(&self, text: impl Into<Utf8Bytes>) {
+        match self.tx.try_send(text.into()) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.lagged.store(true, Ordering::Relaxed),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -83,11 +139,13 @@ impl Client {
 }
 
 impl Hub {
-    pub fn new(cache: AnnotationCache, allowed_origins: Vec<String>) -> Self {
+    pub fn new(cache: AnnotationCache, allowed_origins: Vec<String>, limits: HubLimits) -> Self {
         Hub {
             inner: Arc::new(Inner {
                 cache,
                 allowed_origins,
+                limits,
+                held: Mutex::default(),
                 next_client: AtomicU64::new(1),
                 subs: RwLock::default(),
                 clients: RwLock::default(),
@@ -157,9 +215,8 @@ impl Hub {
             .flat_map(|m| m.values().cloned())
             .collect();
         for sub in subs {
-            if let Some(client) = self.client(sub.client) {
-                client.offer(ServerMessage::Resync { sub: &sub.id }.text());
-            }
+            sub.owner
+                .offer(ServerMessage::Resync { sub: &sub.id }.text());
         }
     }
 
@@ -174,7 +231,7 @@ impl Hub {
                 let subs: Vec<Arc<Sub>> = self
                     .subs_of(analysis)
                     .into_iter()
-                    .filter(|s| s.keys.contains(&key))
+                    .filter(|s| s.covers(&key))
                     .collect();
                 if subs.is_empty() {
                     return;
@@ -196,11 +253,19 @@ impl Hub {
                     }
                 };
                 let body = partition_body(&analysis, &view);
-                for sub in subs {
-                    let Some(client) = self.client(sub.client) else {
+                // One buffer per distinct subscription id (pages mostly use the same few).
+                let mut messages: HashMap<&str, Utf8Bytes> = HashMap::new();
+                let generation = view.generation.unwrap_or(0);
+                for sub in &subs {
+                    if !sub.first_sight(&key, generation) {
                         continue;
-                    };
-                    client.offer(partition_message(&sub.id, &body));
+                    }
+                    let client = &sub.owner;
+                    let message = messages
+                        .entry(sub.id.as_str())
+                        .or_insert_with(|| partition_message(&sub.id, &body).into())
+                        .clone();
+                    client.offer(message);
                     if view.is_ready() {
                         let now_ready = {
                             let mut pending = sub.pending.lock().expect("pending lock");
@@ -264,15 +329,13 @@ impl Hub {
                         .lock()
                         .expect("pending lock")
                         .extend(hit.iter().cloned());
-                    if let Some(client) = self.client(sub.client) {
-                        client.offer(
-                            ServerMessage::Invalidated {
-                                sub: &sub.id,
-                                partitions: hit,
-                            }
-                            .text(),
-                        );
-                    }
+                    sub.owner.offer(
+                        ServerMessage::Invalidated {
+                            sub: &sub.id,
+                            partitions: hit,
+                        }
+                        .text(),
+                    );
                 }
             }
             EventBody::AnalysisRegistered {
@@ -288,20 +351,18 @@ impl Hub {
                     if sub.version.fetch_max(*version, Ordering::Relaxed) >= *version {
                         continue;
                     }
-                    let keys: Vec<PartitionKey> = sub.keys.iter().copied().collect();
+                    let keys: Vec<PartitionKey> = sub.keys.to_vec();
                     sub.pending
                         .lock()
                         .expect("pending lock")
                         .extend(keys.iter().cloned());
-                    if let Some(client) = self.client(sub.client) {
-                        client.offer(
-                            ServerMessage::Invalidated {
-                                sub: &sub.id,
-                                partitions: keys.clone(),
-                            }
-                            .text(),
-                        );
-                    }
+                    sub.owner.offer(
+                        ServerMessage::Invalidated {
+                            sub: &sub.id,
+                            partitions: keys.clone(),
+                        }
+                        .text(),
+                    );
                     if let (Some(first), Some(last)) = (keys.first(), keys.last())
                         && let Ok(views) =
                             self.inner.cache.read(&found, first.start, last.end()).await
@@ -346,11 +407,14 @@ impl Hub {
                 error: error.clone(),
             };
             let body = message.text();
-            for sub in subs.iter().filter(|s| s.keys.contains(&key)) {
+            let mut messages: HashMap<&str, Utf8Bytes> = HashMap::new();
+            for sub in subs.iter().filter(|s| s.covers(&key)) {
                 sub.pending.lock().expect("pending lock").insert(key);
-                if let Some(client) = self.client(sub.client) {
-                    client.offer(with_sub(&body, &sub.id));
-                }
+                let message = messages
+                    .entry(sub.id.as_str())
+                    .or_insert_with(|| with_sub(&body, &sub.id).into())
+                    .clone();
+                sub.owner.offer(message);
             }
         }
     }
@@ -374,22 +438,62 @@ impl Hub {
     }
 
     fn disconnect(&self, client: u64) {
-        let ids = self
-            .client(client)
-            .map(|c| c.subs.lock().expect("subs lock").clone())
-            .unwrap_or_default();
-        for id in ids {
-            self.unregister(client, &id);
+        let Some(found) = self.client(client) else {
+            return;
+        };
+        let ids = found.subs.lock().expect("subs lock").clone();
+        for id in &ids {
+            self.unregister(client, id);
         }
         self.inner
             .clients
             .write()
             .expect("clients lock")
             .remove(&client);
+        self.release(found.token, 1, ids.len());
+    }
+
+    /// Take a socket for `token`, or say why not.
+    fn hold_socket(&self, token: Uuid) -> Result<(), String> {
+        let mut held = self.inner.held.lock().expect("held lock");
+        let entry = held.entry(token).or_default();
+        let limit = self.inner.limits.sockets_per_token;
+        if entry.sockets >= limit {
+            return Err(format!(
+                "This token already holds {limit} websockets (SCHOLIA_MAX_SOCKETS_PER_TOKEN); close some, or give other clients tokens of their own."
+            ));
+        }
+        entry.sockets += 1;
+        Ok(())
+    }
+
+    /// Take one more subscription for `token`, or say why not.
+    fn hold_subscription(&self, token: Uuid) -> Result<(), String> {
+        let mut held = self.inner.held.lock().expect("held lock");
+        let entry = held.entry(token).or_default();
+        let limit = self.inner.limits.subscriptions_per_token;
+        if entry.subscriptions >= limit {
+            return Err(format!(
+                "this token already holds {limit} subscriptions (SCHOLIA_MAX_SUBSCRIPTIONS_PER_TOKEN); unsubscribe some first"
+            ));
+        }
+        entry.subscriptions += 1;
+        Ok(())
+    }
+
+    fn release(&self, token: Uuid, sockets: usize, subscriptions: usize) {
+        let mut held = self.inner.held.lock().expect("held lock");
+        if let Some(entry) = held.get_mut(&token) {
+            entry.sockets = entry.sockets.saturating_sub(sockets);
+            entry.subscriptions = entry.subscriptions.saturating_sub(subscriptions);
+            if entry.sockets == 0 && entry.subscriptions == 0 {
+                held.remove(&token);
+            }
+        }
     }
 
     /// Handle one client message; errors go back to the client as `error`.
-    async fn handle(&self, client_id: u64, client: &Client, text: &str) {
+    async fn handle(&self, client_id: u64, client: &Arc<Client>, text: &str) {
         let message: ClientMessage = match serde_json::from_str(text) {
             Ok(m) => m,
             Err(e) => {
@@ -398,7 +502,7 @@ impl Hub {
                 );
                 let _ = client
                     .tx
-                    .send(ServerMessage::Error { sub: None, message }.text())
+                    .send(ServerMessage::Error { sub: None, message }.text().into())
                     .await;
                 return;
             }
@@ -406,7 +510,13 @@ impl Hub {
         match message {
             ClientMessage::Unsubscribe { id } => {
                 self.unregister(client_id, &id);
-                client.subs.lock().expect("subs lock").retain(|s| s != &id);
+                let removed = {
+                    let mut ids = client.subs.lock().expect("subs lock");
+                    let before = ids.len();
+                    ids.retain(|s| s != &id);
+                    before - ids.len()
+                };
+                self.release(client.token, 0, removed);
             }
             ClientMessage::Subscribe {
                 id,
@@ -425,7 +535,8 @@ impl Hub {
                                 sub: Some(&id),
                                 message,
                             }
-                            .text(),
+                            .text()
+                            .into(),
                         )
                         .await;
                 }
@@ -436,7 +547,7 @@ impl Hub {
     async fn subscribe(
         &self,
         client_id: u64,
-        client: &Client,
+        client: &Arc<Client>,
         id: &str,
         analysis: &str,
         from: &str,
@@ -467,6 +578,7 @@ impl Hub {
                         "a socket may hold at most {MAX_SUBSCRIPTIONS_PER_SOCKET} subscriptions"
                     ));
                 }
+                self.hold_subscription(client.token)?;
                 ids.push(id.to_string());
             }
         }
@@ -483,16 +595,21 @@ impl Hub {
         let sub = Arc::new(Sub {
             id: id.to_string(),
             client: client_id,
+            owner: client.clone(),
             analysis: analysis.name.clone(),
-            keys: keys.iter().copied().collect(),
+            sent: Mutex::new(vec![0; keys.len()]),
+            keys,
             pending: Mutex::new(pending.clone()),
             version: AtomicI64::new(analysis.version),
         });
         // Registered before anything is sent, so that no change in between is missed.
-        self.register(sub);
+        self.register(sub.clone());
         for view in views.iter().filter(|v| v.rows.is_some()) {
+            if !sub.first_sight(&view.partition, view.generation.unwrap_or(0)) {
+                continue;
+            }
             let body = partition_body(&analysis, view);
-            let _ = client.tx.send(partition_message(id, &body)).await;
+            let _ = client.tx.send(partition_message(id, &body).into()).await;
         }
         if !pending.is_empty() {
             cache
@@ -506,7 +623,8 @@ impl Hub {
                         sub: id,
                         partitions: pending.into_iter().collect(),
                     }
-                    .text(),
+                    .text()
+                    .into(),
                 )
                 .await;
             for view in &views {
@@ -527,12 +645,12 @@ impl Hub {
                     status,
                     error: view.error.clone(),
                 };
-                let _ = client.tx.send(message.text()).await;
+                let _ = client.tx.send(message.text().into()).await;
             }
         } else {
             let _ = client
                 .tx
-                .send(ServerMessage::Ready { sub: id }.text())
+                .send(ServerMessage::Ready { sub: id }.text().into())
                 .await;
         }
         Ok(())
@@ -576,8 +694,30 @@ pub(crate) fn router(hub: Hub) -> Router {
     Router::new().route("/v1/ws", get(upgrade)).with_state(hub)
 }
 
+/// The live websocket.
+///
+/// Subscribe to an analysis' partitions and receive their annotations as they change (SPEC
+/// §6). A browser that cannot set headers sends the token as `?token=`. An `Origin` other
+/// than this server's must be listed in `SCHOLIA_ALLOWED_ORIGINS` (403 otherwise).
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "live",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("Connection" = String, Header, pattern = "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]", description = "Must include `Upgrade`."),
+        ("Upgrade" = String, Header, pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$", description = "`websocket`."),
+        ("Sec-WebSocket-Version" = String, Header, pattern = "^13$", description = "`13`."),
+        ("Sec-WebSocket-Key" = String, Header, description = "The client's nonce (RFC 6455).")
+    ),
+    responses(
+        (status = 101, description = "Switched to the websocket protocol."),
+        (status = 400, description = "Not a websocket handshake: connect with a websocket client.", body = scholia_http::ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "The token holds as many websockets as it may (`SCHOLIA_MAX_SOCKETS_PER_TOKEN`).", body = scholia_http::ProblemBody, content_type = "application/problem+json")
+    )
+)]
 async fn upgrade(
-    QueryReader(_token): QueryReader,
+    QueryReader(token): QueryReader,
     State(hub): State<Hub>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -603,22 +743,44 @@ async fn upgrade(
             )));
         }
     }
+    hub.hold_socket(token.id)
+        .map_err(|detail| ApiError::new(Problem::TooManyRequests, detail))?;
+    // Given back when the socket ends, or when the upgrade never happens.
+    let held = SocketHold {
+        hub: hub.clone(),
+        token: token.id,
+    };
     Ok(ws
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(1024 * 1024)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| serve_socket(hub, socket)))
+        .on_upgrade(move |socket| serve_socket(held, socket)))
 }
 
-async fn serve_socket(hub: Hub, socket: WebSocket) {
+/// A socket a token holds until this drops (its subscriptions are given back with the
+/// client, at disconnect).
+struct SocketHold {
+    hub: Hub,
+    token: Uuid,
+}
+
+impl Drop for SocketHold {
+    fn drop(&mut self) {
+        self.hub.release(self.token, 1, 0);
+    }
+}
+
+async fn serve_socket(held: SocketHold, socket: WebSocket) {
+    let hub = held.hub.clone();
     let id = hub.inner.next_client.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<String>(SEND_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(SEND_QUEUE);
     let client = Arc::new(Client {
         tx,
         lagged: AtomicBool::new(false),
         subs: Mutex::new(Vec::new()),
+        token: held.token,
     });
     hub.inner
         .clients
@@ -630,7 +792,7 @@ async fn serve_socket(hub: Hub, socket: WebSocket) {
     let writer_client = client.clone();
     let writer = tokio::spawn(async move {
         while let Some(text) = rx.recv().await {
-            match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+            match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text))).await {
                 Ok(Ok(())) => {}
                 _ => break,
             }
@@ -660,7 +822,7 @@ async fn serve_socket(hub: Hub, socket: WebSocket) {
                 let message = "binary messages are not understood; send JSON text".to_string();
                 let _ = client
                     .tx
-                    .send(ServerMessage::Error { sub: None, message }.text())
+                    .send(ServerMessage::Error { sub: None, message }.text().into())
                     .await;
             }
             Ok(Message::Close(_)) | Err(_) => break,
@@ -673,6 +835,14 @@ async fn serve_socket(hub: Hub, socket: WebSocket) {
     hub.disconnect(id);
     drop(client);
     writer.abort();
+    drop(held);
+}
+
+fn run_of(key: PartitionKey) -> PartitionRun {
+    PartitionRun {
+        first: key,
+        last: key,
+    }
 }
 
 #[cfg(test)]
@@ -701,12 +871,5 @@ mod tests {
         let message: serde_json::Value = serde_json::from_str(&with_sub(&body, "s9")).unwrap();
         assert_eq!(message["sub"], "s9");
         assert_eq!(message["status"], "queued");
-    }
-}
-
-fn run_of(key: PartitionKey) -> PartitionRun {
-    PartitionRun {
-        first: key,
-        last: key,
     }
 }

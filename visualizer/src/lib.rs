@@ -12,7 +12,7 @@ mod hub;
 pub mod page;
 mod protocol;
 
-pub use hub::Hub;
+pub use hub::{Hub, HubLimits};
 
 use axum::Router;
 

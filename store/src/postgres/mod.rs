@@ -2,6 +2,7 @@
 //! `NOTIFY`/`LISTEN` between processes, the relay's session lock, `COPY` of records
 //! before the log lock, and `FOR UPDATE SKIP LOCKED` claims. The rest is `../shared`.
 
+mod load;
 mod records;
 
 use std::str::FromStr;
@@ -19,6 +20,8 @@ use scholia_events::{Error, Result};
 use crate::error::Ctx;
 
 pub(crate) type Db = Postgres;
+/// What `Database::backend` answers.
+pub(crate) const BACKEND: &str = "postgres";
 pub(crate) type Backend = PgStore;
 
 /// The advisory lock key that serializes appends to the event log.
@@ -30,10 +33,8 @@ const LOG_CHANNEL: &str = "scholia_log";
 /// Announces queued builds to workers in other processes (at commit).
 const WORK_CHANNEL: &str = "scholia_work";
 
-/// Records' `data` as text in a select list.
 /// What locks the row a claim takes: other workers skip it rather than wait.
 pub(crate) const CLAIM_LOCK: &str = " FOR UPDATE SKIP LOCKED";
-pub(crate) const DATA_TEXT: &str = "data::text";
 
 // Compiled once per backend on purpose: here `Db` is this backend's (see `lib.rs`).
 #[allow(clippy::duplicate_mod)]
@@ -213,25 +214,6 @@ impl Leadership for PgLeadership {
             .execute(&mut self.conn)
             .await
             .is_ok()
-    }
-}
-
-#[async_trait]
-impl scholia_events::store::Database for PgStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-
-    async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .ctx("checking the database")?;
-        Ok(())
-    }
-
-    async fn close(&self) {
-        self.pool.close().await;
     }
 }
 

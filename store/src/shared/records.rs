@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use sqlx::QueryBuilder;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -19,13 +18,13 @@ use scholia_events::event::MAX_RUNS;
 use scholia_events::partition::runs;
 use scholia_events::schema::KindSchema;
 use scholia_events::store::{
-    Batch, ChangedHour, NewRecord, RecordRow, RecordSink, Records, Rejected, Summary, Written,
+    Batch, ChangedHour, NewRecord, RecordSink, Records, Rejected, Summary, Written,
 };
 use scholia_events::{
     Envelope, EventBody, Granularity, NewEvent, PartitionKey, Result, StoredEnvelope,
 };
 
-use super::{Backend, DATA_TEXT, Db, MAX_BINDS, WriteTx};
+use super::{Backend, Db, MAX_BINDS, WriteTx};
 use crate::error::{Ctx, corrupt};
 use crate::time::Timestamp;
 
@@ -403,7 +402,26 @@ fn hour_bounds(from: DateTime<Utc>, to: DateTime<Utc>) -> (String, String) {
     (hour(from), hour(to - chrono::Duration::microseconds(1)))
 }
 
-type ScanRow = (Uuid, String, Timestamp, Timestamp, i64, String);
+/// What `record_hours` says of `kind`'s records in the whole hours `[from, to)`.
+pub(crate) async fn span_summary(
+    conn: &mut <Db as sqlx::Database>::Connection,
+    kind: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Summary> {
+    let (first, last) = hour_bounds(from, to);
+    let (rows, max_seq): (i64, i64) = sqlx::query_as::<Db, (i64, i64)>(
+        "SELECT CAST(COALESCE(SUM(rows), 0) AS BIGINT), CAST(COALESCE(MAX(max_seq), 0) AS BIGINT) \
+         FROM record_hours WHERE kind = $1 AND hour >= $2 AND hour <= $3",
+    )
+    .bind(kind)
+    .bind(first)
+    .bind(last)
+    .fetch_one(&mut *conn)
+    .await
+    .ctx("summarizing records")?;
+    Ok(Summary { rows, max_seq })
+}
 
 type StoredRow = (
     String,
@@ -444,54 +462,24 @@ impl Records for Backend {
         ))
     }
 
-    async fn scan(
+    async fn load(
         &self,
         kind: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         after: i64,
         sink: &mut dyn RecordSink,
-    ) -> Result<()> {
-        let sql = format!(
-            "SELECT r.data_id, r.source, r.created, r.received_at, b.seq, r.{DATA_TEXT} \
-             FROM records r JOIN record_batches b ON b.batch = r.batch \
-             WHERE r.kind = $1 AND r.created >= $2 AND r.created < $3 AND b.seq > $4 \
-             ORDER BY r.created, r.data_id"
-        );
-        let mut rows = sqlx::query_as::<Db, ScanRow>(sqlx::AssertSqlSafe(sql))
-            .bind(kind)
-            .bind(Timestamp(from))
-            .bind(Timestamp(to))
-            .bind(after)
-            .fetch(&self.pool);
-        while let Some((data_id, source, created, received_at, seq, data)) =
-            rows.try_next().await.ctx("reading records")?
-        {
-            sink.push(RecordRow {
-                data_id,
-                source: &source,
-                created: created.0.timestamp_micros(),
-                received_at: received_at.0.timestamp_micros(),
-                seq,
-                data: &data,
-            });
-        }
-        Ok(())
+    ) -> Result<Summary> {
+        self.load_records(kind, from, to, after, sink).await
     }
 
     async fn summary(&self, kind: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Summary> {
-        let (first, last) = hour_bounds(from, to);
-        let (rows, max_seq): (i64, i64) = sqlx::query_as::<Db, (i64, i64)>(
-            "SELECT CAST(COALESCE(SUM(rows), 0) AS BIGINT), CAST(COALESCE(MAX(max_seq), 0) AS BIGINT) \
-             FROM record_hours WHERE kind = $1 AND hour >= $2 AND hour <= $3",
-        )
-        .bind(kind)
-        .bind(first)
-        .bind(last)
-        .fetch_one(&self.pool)
-        .await
-        .ctx("summarizing records")?;
-        Ok(Summary { rows, max_seq })
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .ctx("connecting to the database")?;
+        span_summary(&mut conn, kind, from, to).await
     }
 
     async fn hours_changed_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangedHour>> {

@@ -21,12 +21,12 @@ use scholia_events::{Error, Result};
 use crate::error::Ctx;
 
 pub(crate) type Db = Sqlite;
+/// What `Database::backend` answers.
+pub(crate) const BACKEND: &str = "sqlite";
 pub(crate) type Backend = SqliteStore;
 
-/// Records' `data` as text in a select list.
 /// A claim runs under the write lock, so it locks no row of its own.
 pub(crate) const CLAIM_LOCK: &str = "";
-pub(crate) const DATA_TEXT: &str = "data";
 
 // Compiled once per backend on purpose: here `Db` is this backend's (see `lib.rs`).
 #[allow(clippy::duplicate_mod)]
@@ -165,24 +165,5 @@ struct LocalLeadership;
 impl Leadership for LocalLeadership {
     async fn holds(&mut self) -> bool {
         true
-    }
-}
-
-#[async_trait]
-impl scholia_events::store::Database for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .ctx("checking the database")?;
-        Ok(())
-    }
-
-    async fn close(&self) {
-        self.pool.close().await;
     }
 }

@@ -1,23 +1,69 @@
-//! Writing and scanning records on SQLite: the whole batch under the write lock, with
-//! multi-row inserts.
+//! Writing and reading records on SQLite: the whole batch under the write lock, with
+//! multi-row inserts; a load reads in one read transaction (one WAL snapshot).
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use scholia_events::Result;
-use scholia_events::store::{Batch, NewRecord, Written};
+use scholia_events::store::{Batch, NewRecord, RecordRow, RecordSink, Summary, Written};
 
 use super::shared::MAX_BINDS;
 use super::shared::records::{
-    batch_kinds, existing_kinds, finish, known_digests, plan, schemas_moved, stored_schemas,
+    batch_kinds, existing_kinds, finish, known_digests, plan, schemas_moved, span_summary,
+    stored_schemas,
 };
 use super::{Db, SqliteStore};
 use crate::error::Ctx;
 use crate::time::Timestamp;
 
+type ScanRow = (Uuid, String, Timestamp, Timestamp, String);
+
 impl SqliteStore {
+    pub(crate) async fn load_records(
+        &self,
+        kind: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        after: i64,
+        sink: &mut dyn RecordSink,
+    ) -> Result<Summary> {
+        let mut tx = self.pool.begin().await.ctx("beginning a read")?;
+        let summary = span_summary(&mut tx, kind, from, to).await?;
+        if after == 0 {
+            sink.reserve(usize::try_from(summary.rows).unwrap_or(0));
+        }
+        {
+            let mut rows = sqlx::query_as::<Db, ScanRow>(
+                "SELECT r.data_id, r.source, r.created, r.received_at, r.data \
+                 FROM records r JOIN record_batches b ON b.batch = r.batch \
+                 WHERE r.kind = $1 AND r.created >= $2 AND r.created < $3 AND b.seq > $4 \
+                 ORDER BY r.created, r.data_id",
+            )
+            .bind(kind)
+            .bind(Timestamp(from))
+            .bind(Timestamp(to))
+            .bind(after)
+            .fetch(&mut *tx);
+            while let Some((data_id, source, created, received_at, data)) =
+                rows.try_next().await.ctx("reading records")?
+            {
+                sink.push(RecordRow {
+                    data_id,
+                    source: &source,
+                    created: created.0.timestamp_micros(),
+                    received_at: received_at.0.timestamp_micros(),
+                    data: &data,
+                });
+            }
+        }
+        tx.commit().await.ctx("ending a read")?;
+        Ok(summary)
+    }
+
     pub(crate) async fn write_batch(&self, batch: Batch) -> Result<Written> {
         let mut tx = self.write().await?;
         let ids: Vec<Uuid> = batch.records.iter().map(|r| r.envelope.data_id).collect();
