@@ -26,13 +26,16 @@ pub fn end_of_time() -> DateTime<Utc> {
 /// precision both databases keep (PostgreSQL would round, SQLite truncate: cutting here
 /// puts a record in the same hour on both).
 pub fn accepted_time(t: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
-    if t < earliest_time() || t >= end_of_time() {
-        return Err(format!(
+    // Cut first, then check: a leap second (23:59:60) counts as the next second once cut,
+    // and 9999-12-31T23:59:60 would otherwise land in the year 10000.
+    let cut = DateTime::from_timestamp_micros(t.timestamp_micros());
+    match cut {
+        Some(cut) if cut >= earliest_time() && cut < end_of_time() => Ok(cut),
+        _ => Err(format!(
             "{} is outside the accepted range of times, 0001-01-01 to 9999-12-31 (UTC)",
             format_time(t)
-        ));
+        )),
     }
-    Ok(DateTime::from_timestamp_micros(t.timestamp_micros()).expect("in range"))
 }
 
 /// One record as a producer sends it, after defaults have been applied.

@@ -62,9 +62,9 @@ impl Granularity {
             return 0;
         }
         let first = self.partition_of(from).start;
-        let span = (to - first).num_seconds().max(0) as u64;
-        let step = self.step().num_seconds() as u64;
-        span.div_ceil(step)
+        // In microseconds, so that a `to` a fraction of a second into a partition counts it.
+        let micros = |d: Duration| d.num_microseconds().unwrap_or(i64::MAX).max(0) as u64;
+        micros(to - first).div_ceil(micros(self.step()))
     }
 
     /// Every partition that overlaps the half-open range `[from, to)`, or an error that
@@ -75,6 +75,9 @@ impl Granularity {
         to: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<PartitionKey>, String> {
+        if to <= from {
+            return Ok(Vec::new());
+        }
         let count = self.count_between(from, to);
         if count > limit as u64 {
             return Err(format!(
@@ -393,5 +396,30 @@ mod tests {
         assert!(parse_instant("0000-01-01T00:00:00Z").is_err());
         assert!(parse_instant("0001-01-01").is_ok());
         assert!(parse_instant("9999-12-31T23:59:59Z").is_ok());
+    }
+
+    #[test]
+    fn an_empty_range_has_no_partitions_and_a_fraction_of_a_second_counts() {
+        let t = |s: &str| parse_instant(s).unwrap();
+        let none = Granularity::Day
+            .partitions_between(t("2024-05-05T10:30:00Z"), t("2024-05-05T10:15:00Z"), 10)
+            .unwrap();
+        assert!(none.is_empty());
+        let (from, to) = (t("2024-05-05T00:00:00Z"), t("2024-05-05T01:00:00.5Z"));
+        assert_eq!(Granularity::Hour.count_between(from, to), 2);
+        assert_eq!(
+            Granularity::Hour
+                .partitions_between(from, to, 2)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(Granularity::Hour.partitions_between(from, to, 1).is_err());
+    }
+
+    #[test]
+    fn a_leap_second_at_the_end_of_9999_is_outside_the_range() {
+        assert!(parse_instant("9999-12-31T23:59:60.5Z").is_err());
+        assert!(parse_instant("9999-12-31T23:59:59.999999Z").is_ok());
     }
 }

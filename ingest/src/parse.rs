@@ -223,7 +223,8 @@ fn to_envelope(
     };
     partial.data_id = Some(data_id);
     let (created, created_given) = match object.remove("created") {
-        None | Some(Value::Null) => (now, false),
+        // The receive time, cut to microseconds like any other time.
+        None | Some(Value::Null) => (accepted_time(now).unwrap_or(now), false),
         Some(Value::String(s)) => match DateTime::parse_from_rfc3339(&s) {
             Ok(t) => match accepted_time(t.with_timezone(&Utc)) {
                 Ok(t) => (t, true),
@@ -478,6 +479,11 @@ mod tests {
         assert_ne!(
             first.records[0].envelope.created,
             again.records[0].envelope.created
+        );
+        // The receive time stands in for `created` cut to microseconds, as a given one is.
+        assert_eq!(
+            first.records[0].envelope.created.timestamp_subsec_nanos() % 1_000,
+            0
         );
     }
 }
