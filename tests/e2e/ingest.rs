@@ -275,9 +275,9 @@ both_backends!(
                 )
             })
             .collect();
-        // The same new ids from eight requests at once: on PostgreSQL each looks them up
-        // before the write lock and finds nothing, so all but the first must notice the
-        // others' records under the lock.
+        // The same new ids from eight requests at once: on PostgreSQL each copies its
+        // batch without looking first, so all but the first meet the others' records in
+        // the unique index and must write again with the lookup under the lock.
         let answers = futures::future::join_all((0..8).map(|_| app.ingest(ADMIN, &records))).await;
         let (mut accepted, mut duplicates) = (0, 0);
         for (status, body) in &answers {

@@ -15,12 +15,10 @@ use uuid::Uuid;
 use scholia_events::store::{RecordRow, RecordSink, Summary};
 use scholia_events::{Error, Result};
 
-use super::PgStore;
 use super::shared::records::span_summary;
+use super::{PG_EPOCH_MICROS, PgStore};
 use crate::error::{Ctx, corrupt};
 
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// The binary `COPY` signature and the two header words after it.
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 const COLUMNS: i16 = 5;

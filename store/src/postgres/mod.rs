@@ -24,6 +24,8 @@ pub(crate) type Db = Postgres;
 pub(crate) const BACKEND: &str = "postgres";
 pub(crate) type Backend = PgStore;
 
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01), for binary `COPY`.
+pub(crate) const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// The advisory lock key that serializes appends to the event log.
 const LOG_LOCK_KEY: i64 = 0x05C4_011A;
 /// The session advisory lock the deployment's relay holds.

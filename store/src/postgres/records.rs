@@ -1,29 +1,30 @@
 //! Writing records on PostgreSQL, with `COPY` outside the log lock.
 //!
-//! Before any lock: look up which ids are stored (stored records never change, so what
-//! that finds stays true), take batch ids from a sequence, render the `COPY` rows. Then,
-//! in one transaction: `COPY` the records (batches copy in parallel), take the log lock,
+//! Before any lock: take batch ids from a sequence and render the `COPY` rows. Then, in
+//! one transaction: `COPY` the records (batches copy in parallel), take the log lock,
 //! append the `source.ingested` events, map batch ids to their `seq`, count hours, learn
 //! schemas, quarantine, commit. The lock is held for that short tail only.
 //!
-//! Two races send a batch down the slow path, where everything happens under the lock:
-//! another batch storing one of its new ids first (the `COPY` fails on the primary key),
-//! and a kind's schema moving between the check and the lock.
+//! The fast path assumes the batch's ids are new, as they nearly always are: looking them
+//! up first would cost PostgreSQL more than the `COPY` (it plans a scan of the table for
+//! thousands of ids). When one is stored already (a producer's retry, or another batch
+//! storing it first) the `COPY` fails on the primary key, and the batch takes the slow
+//! path: under the lock, its ids are looked up one index probe each (same digest →
+//! duplicate, other digest → conflict), then it is written. A kind's schema moving
+//! between the check and the lock takes the slow path too.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 
 use uuid::Uuid;
 
 use scholia_events::Result;
-use scholia_events::envelope::format_time;
 use scholia_events::schema::KindSchema;
 use scholia_events::store::{Batch, Written};
 
 use super::shared::records::{
-    Plan, batch_kinds, existing_kinds, finish, known_digests, plan, schemas_moved, stored_schemas,
+    Plan, batch_kinds, existing_kinds, finish, plan, schemas_moved, stored_schemas,
 };
-use super::{Db, PgStore, WriteTx};
+use super::{Db, PG_EPOCH_MICROS, PgStore, WriteTx};
 use crate::error::{Ctx, classify};
 
 impl PgStore {
@@ -31,18 +32,16 @@ impl PgStore {
         if batch.records.is_empty() {
             return self.write_locked(&batch).await;
         }
-        let ids: Vec<Uuid> = batch.records.iter().map(|r| r.envelope.data_id).collect();
         let kinds = batch_kinds(&batch);
         let base: BTreeMap<String, KindSchema> = kinds
             .iter()
             .map(|k| (k.clone(), batch.schemas.get(k).cloned().unwrap_or_default()))
             .collect();
-        let (plan, batch_ids) = {
+        let assumed_new = HashMap::new();
+        let plan = plan(&batch, &assumed_new, &base, false);
+        let batch_ids = {
             let mut conn = self.connection().await?;
-            let known = known_digests(&mut conn, &ids).await?;
-            let plan = plan(&batch, &known, &base, false);
-            let batch_ids = allocate_batches(&mut conn, &plan).await?;
-            (plan, batch_ids)
+            allocate_batches(&mut conn, &plan).await?
         };
         let rows = render(&plan, &batch_ids, &batch);
 
@@ -51,7 +50,7 @@ impl PgStore {
             if raced(&error) {
                 drop(tx);
                 tracing::info!(
-                    "A concurrent batch stored some of this batch's ids first; writing it again with the lookup under the lock"
+                    "Some of this batch's ids are stored already; writing it again with the lookup under the lock"
                 );
                 return self.write_locked(&batch).await;
             }
@@ -89,6 +88,26 @@ impl PgStore {
     }
 }
 
+/// The stored digests of those of `ids` that are stored, one primary-key probe each (the
+/// `LIMIT` keeps the planner from turning the probes into a scan of the table).
+async fn known_digests(
+    conn: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, [u8; 32]>> {
+    let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as::<Db, (Uuid, Vec<u8>)>(
+        "SELECT i.id, r.digest FROM unnest($1::uuid[]) AS i(id) \
+         JOIN LATERAL (SELECT digest FROM records WHERE data_id = i.id LIMIT 1) r ON true",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+    .ctx("checking for known records")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, d)| Some((id, <[u8; 32]>::try_from(d.as_slice()).ok()?)))
+        .collect())
+}
+
 /// Whether a failed `COPY` lost a race to another batch (its ids were stored first, or
 /// the two batches deadlocked on each other's ids).
 fn raced(error: &sqlx::Error) -> bool {
@@ -111,77 +130,63 @@ async fn allocate_batches(
     Ok(plan.fresh.keys().cloned().zip(ids).collect())
 }
 
-/// The batch's records as `COPY` text rows.
-fn render(plan: &Plan<'_>, batch_ids: &BTreeMap<String, i64>, batch: &Batch) -> String {
-    let received = format_time(batch.received_at);
+/// The batch's records as one binary `COPY` stream (no text to format here, none to
+/// parse in PostgreSQL): the signature, then each row's eight fields as length and bytes.
+fn render(plan: &Plan<'_>, batch_ids: &BTreeMap<String, i64>, batch: &Batch) -> Vec<u8> {
+    let rows: usize = plan.fresh.values().map(Vec::len).sum();
+    if rows == 0 {
+        return Vec::new();
+    }
     let size: usize = plan
         .fresh
         .values()
         .flatten()
-        .map(|r| r.data_json.len() + 200)
+        .map(|r| r.data_json.len() + r.envelope.kind.len() + r.envelope.source.len() + 110)
         .sum();
-    let mut out = String::with_capacity(size);
+    let mut out = Vec::with_capacity(size + 32);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+    let received = batch.received_at.timestamp_micros() - PG_EPOCH_MICROS;
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
     for (kind, records) in &plan.fresh {
         let batch_id = batch_ids[kind];
         for r in records {
-            let _ = write!(out, "{}\t", r.envelope.data_id);
-            escape(&mut out, &r.envelope.kind);
-            out.push('\t');
-            escape(&mut out, &r.envelope.source);
-            let _ = write!(
-                out,
-                "\t{}\t{received}\t{batch_id}\t\\\\x",
-                format_time(r.envelope.created)
-            );
-            for b in r.digest {
-                let _ = write!(out, "{b:02x}");
-            }
-            out.push('\t');
-            escape(&mut out, &r.data_json);
-            out.push('\n');
+            out.extend_from_slice(&8i16.to_be_bytes());
+            field(&mut out, r.envelope.data_id.as_bytes());
+            field(&mut out, r.envelope.kind.as_bytes());
+            field(&mut out, r.envelope.source.as_bytes());
+            let created = r.envelope.created.timestamp_micros() - PG_EPOCH_MICROS;
+            field(&mut out, &created.to_be_bytes());
+            field(&mut out, &received.to_be_bytes());
+            field(&mut out, &batch_id.to_be_bytes());
+            field(&mut out, &r.digest);
+            // jsonb's binary form: a version byte, then the JSON text.
+            out.extend_from_slice(&(r.data_json.len() as i32 + 1).to_be_bytes());
+            out.push(1);
+            out.extend_from_slice(r.data_json.as_bytes());
         }
     }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
     out
 }
 
-async fn copy(tx: &mut WriteTx, rows: &str) -> Result<(), sqlx::Error> {
+async fn copy(tx: &mut WriteTx, rows: &[u8]) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
     let mut copy = tx
         .conn()
         .copy_in_raw(
-            "COPY records (data_id, kind, source, created, received_at, batch, digest, data) FROM STDIN",
+            "COPY records (data_id, kind, source, created, received_at, batch, digest, data) FROM STDIN (FORMAT binary)",
         )
         .await?;
-    for chunk in rows.as_bytes().chunks(1 << 20) {
+    for chunk in rows.chunks(1 << 20) {
         copy.send(chunk).await?;
     }
     copy.finish().await?;
     Ok(())
-}
-
-/// Escape text for PostgreSQL's `COPY` text format.
-fn escape(buf: &mut String, text: &str) {
-    for c in text.chars() {
-        match c {
-            '\\' => buf.push_str("\\\\"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            '\t' => buf.push_str("\\t"),
-            c => buf.push(c),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_escapes_backslashes_and_line_breaks() {
-        let mut buf = String::new();
-        escape(&mut buf, "a\\b\tc\nd");
-        assert_eq!(buf, "a\\\\b\\tc\\nd");
-    }
 }

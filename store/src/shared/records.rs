@@ -34,33 +34,6 @@ const CONFLICT: &str = "a record with this data_id already exists with different
 /// The most raw text kept of one quarantined line.
 const MAX_RAW: usize = 64 * 1024;
 
-/// The stored digests of those of `ids` that are stored.
-pub(crate) async fn known_digests(
-    conn: &mut <Db as sqlx::Database>::Connection,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, [u8; 32]>> {
-    let mut out = HashMap::new();
-    for chunk in ids.chunks(MAX_BINDS) {
-        let mut q =
-            QueryBuilder::<Db>::new("SELECT data_id, digest FROM records WHERE data_id IN (");
-        let mut list = q.separated(", ");
-        for id in chunk {
-            list.push_bind(*id);
-        }
-        q.push(")");
-        let rows: Vec<(Uuid, Vec<u8>)> = q
-            .build_query_as()
-            .fetch_all(&mut *conn)
-            .await
-            .ctx("checking for known records")?;
-        out.extend(
-            rows.into_iter()
-                .filter_map(|(id, d)| Some((id, <[u8; 32]>::try_from(d.as_slice()).ok()?))),
-        );
-    }
-    Ok(out)
-}
-
 /// The stored schemas of `kinds` (absent kinds have none yet).
 pub(crate) async fn stored_schemas(
     conn: &mut <Db as sqlx::Database>::Connection,

@@ -13,12 +13,38 @@ use scholia_events::store::{Batch, NewRecord, RecordRow, RecordSink, Summary, Wr
 
 use super::shared::MAX_BINDS;
 use super::shared::records::{
-    batch_kinds, existing_kinds, finish, known_digests, plan, schemas_moved, span_summary,
-    stored_schemas,
+    batch_kinds, existing_kinds, finish, plan, schemas_moved, span_summary, stored_schemas,
 };
 use super::{Db, SqliteStore};
 use crate::error::Ctx;
 use crate::time::Timestamp;
+
+/// The stored digests of those of `ids` that are stored.
+async fn known_digests(
+    conn: &mut <Db as sqlx::Database>::Connection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, [u8; 32]>> {
+    let mut out = HashMap::new();
+    for chunk in ids.chunks(MAX_BINDS) {
+        let mut q =
+            QueryBuilder::<Db>::new("SELECT data_id, digest FROM records WHERE data_id IN (");
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        let rows: Vec<(Uuid, Vec<u8>)> = q
+            .build_query_as()
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("checking for known records")?;
+        out.extend(
+            rows.into_iter()
+                .filter_map(|(id, d)| Some((id, <[u8; 32]>::try_from(d.as_slice()).ok()?))),
+        );
+    }
+    Ok(out)
+}
 
 type ScanRow = (Uuid, String, Timestamp, Timestamp, String);
 
