@@ -7,15 +7,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::get;
-use futures::{SinkExt, StreamExt};
+use bytes::Bytes;
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -27,15 +25,13 @@ use scholia_events::{EventBody, LoggedEvent, PartitionKey, PartitionRun};
 use scholia_http::{ApiError, Core, Problem, QueryReader};
 
 use crate::protocol::{ClientMessage, ServerMessage};
+use crate::socket::{self, Handshake, Incoming, Outbox, Reader};
 
 /// The largest message a client may send; a larger one closes its socket.
 const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 /// Outgoing messages queued per socket before updates are dropped for a `resync`. The
 /// queue holds shared buffers: a message sent to many sockets exists once.
 const SEND_QUEUE: usize = 256;
-/// The most bytes queued in one socket's websocket writer: more than any one message
-/// (an annotation may be large), so a big partition never closes its subscribers.
-const MAX_WRITE_BUFFER: usize = 1 << 30;
 /// A socket that cannot take one message in this long is closed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 64;
@@ -121,7 +117,7 @@ impl Sub {
 }
 
 struct Client {
-    tx: mpsc::Sender<Utf8Bytes>,
+    outbox: Outbox,
     lagged: AtomicBool,
     subs: Mutex<Vec<String>>,
     token: Uuid,
@@ -129,12 +125,15 @@ struct Client {
 
 impl Client {
     /// Queue a message without waiting; a full queue marks the client for `resync`.
-    fn offer(&self, text: impl Into<Utf8Bytes>) {
-        match self.tx.try_send(text.into()) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.lagged.store(true, Ordering::Relaxed),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+    fn offer(&self, text: impl Into<Bytes>) {
+        if !self.outbox.offer(text.into()) {
+            self.lagged.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Queue a message, waiting for room (answers to the client's own requests).
+    async fn send(&self, text: impl Into<Bytes>) {
+        self.outbox.send(text.into()).await;
     }
 }
 
@@ -254,7 +253,7 @@ impl Hub {
                 };
                 let body = partition_body(&analysis, &view);
                 // One buffer per distinct subscription id (pages mostly use the same few).
-                let mut messages: HashMap<&str, Utf8Bytes> = HashMap::new();
+                let mut messages: HashMap<&str, Bytes> = HashMap::new();
                 let generation = view.generation.unwrap_or(0);
                 for sub in &subs {
                     if !sub.first_sight(&key, generation) {
@@ -407,7 +406,7 @@ impl Hub {
                 error: error.clone(),
             };
             let body = message.text();
-            let mut messages: HashMap<&str, Utf8Bytes> = HashMap::new();
+            let mut messages: HashMap<&str, Bytes> = HashMap::new();
             for sub in subs.iter().filter(|s| s.covers(&key)) {
                 sub.pending.lock().expect("pending lock").insert(key);
                 let message = messages
@@ -501,8 +500,7 @@ impl Hub {
                     "not a valid message ({e}); send {{\"op\":\"subscribe\",\"id\",\"analysis\",\"from\",\"to\"}} or {{\"op\":\"unsubscribe\",\"id\"}}"
                 );
                 let _ = client
-                    .tx
-                    .send(ServerMessage::Error { sub: None, message }.text().into())
+                    .send(ServerMessage::Error { sub: None, message }.text())
                     .await;
                 return;
             }
@@ -529,14 +527,12 @@ impl Hub {
                     .await
                 {
                     let _ = client
-                        .tx
                         .send(
                             ServerMessage::Error {
                                 sub: Some(&id),
                                 message,
                             }
-                            .text()
-                            .into(),
+                            .text(),
                         )
                         .await;
                 }
@@ -609,7 +605,7 @@ impl Hub {
                 continue;
             }
             let body = partition_body(&analysis, view);
-            let _ = client.tx.send(partition_message(id, &body).into()).await;
+            let _ = client.send(partition_message(id, &body)).await;
         }
         if !pending.is_empty() {
             cache
@@ -617,14 +613,12 @@ impl Hub {
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = client
-                .tx
                 .send(
                     ServerMessage::Waiting {
                         sub: id,
                         partitions: pending.into_iter().collect(),
                     }
-                    .text()
-                    .into(),
+                    .text(),
                 )
                 .await;
             for view in &views {
@@ -645,13 +639,10 @@ impl Hub {
                     status,
                     error: view.error.clone(),
                 };
-                let _ = client.tx.send(message.text().into()).await;
+                let _ = client.send(message.text()).await;
             }
         } else {
-            let _ = client
-                .tx
-                .send(ServerMessage::Ready { sub: id }.text().into())
-                .await;
+            let _ = client.send(ServerMessage::Ready { sub: id }.text()).await;
         }
         Ok(())
     }
@@ -720,11 +711,8 @@ async fn upgrade(
     QueryReader(token): QueryReader,
     State(hub): State<Hub>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    handshake: Handshake,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|_| {
-        ApiError::bad_request("This endpoint speaks the websocket protocol; connect with a websocket client (GET with Upgrade: websocket).")
-    })?;
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         let host = headers
@@ -750,13 +738,7 @@ async fn upgrade(
         hub: hub.clone(),
         token: token.id,
     };
-    Ok(ws
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(MAX_CLIENT_MESSAGE)
-        .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| serve_socket(held, socket)))
+    Ok(handshake.upgrade(move |io| serve_socket(held, io)))
 }
 
 /// A socket a token holds until this drops (its subscriptions are given back with the
@@ -772,12 +754,11 @@ impl Drop for SocketHold {
     }
 }
 
-async fn serve_socket(held: SocketHold, socket: WebSocket) {
+async fn serve_socket(held: SocketHold, io: Box<dyn socket::Io>) {
     let hub = held.hub.clone();
     let id = hub.inner.next_client.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(SEND_QUEUE);
     let client = Arc::new(Client {
-        tx,
+        outbox: Outbox::new(SEND_QUEUE),
         lagged: AtomicBool::new(false),
         subs: Mutex::new(Vec::new()),
         token: held.token,
@@ -787,54 +768,54 @@ async fn serve_socket(held: SocketHold, socket: WebSocket) {
         .write()
         .expect("clients lock")
         .insert(id, client.clone());
-    let (mut sink, mut stream) = socket.split();
+    let (read, mut write) = tokio::io::split(io);
 
     let writer_client = client.clone();
     let writer = tokio::spawn(async move {
-        while let Some(text) = rx.recv().await {
-            match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text))).await {
-                Ok(Ok(())) => {}
-                _ => break,
-            }
-            if rx.is_empty() && writer_client.lagged.swap(false, Ordering::Relaxed) {
-                let subs = writer_client.subs.lock().expect("subs lock").clone();
+        let client = &writer_client;
+        socket::write_out(&mut write, &client.outbox, SEND_TIMEOUT, || {
+            // The client missed updates while its queue was full: tell each subscription.
+            if client.lagged.swap(false, Ordering::Relaxed) {
+                let subs = client.subs.lock().expect("subs lock").clone();
                 for sub in subs {
-                    let text = ServerMessage::Resync { sub: &sub }.text();
-                    if !matches!(
-                        tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into())))
-                            .await,
-                        Ok(Ok(()))
-                    ) {
-                        return;
-                    }
+                    client.offer(ServerMessage::Resync { sub: &sub }.text());
                 }
             }
-        }
-        let _ = sink.close().await;
+        })
+        .await;
     });
 
-    while let Some(message) = stream.next().await {
+    let mut reader = Reader::new(read, MAX_CLIENT_MESSAGE);
+    loop {
+        let message = tokio::select! {
+            message = reader.next(&client.outbox) => message,
+            // The writer stopped (the peer stopped reading, or a close went out).
+            _ = client.outbox.finished() => break,
+        };
         match message {
             // Boxed: handling a message reads the cache and the database, and its large
             // future would otherwise be inlined into every idle socket's task.
-            Ok(Message::Text(text)) => Box::pin(hub.handle(id, &client, text.as_str())).await,
-            Ok(Message::Binary(_)) => {
+            Some(Incoming::Text(text)) => Box::pin(hub.handle(id, &client, &text)).await,
+            Some(Incoming::Binary) => {
                 let message = "binary messages are not understood; send JSON text".to_string();
-                let _ = client
-                    .tx
-                    .send(ServerMessage::Error { sub: None, message }.text().into())
+                client
+                    .send(ServerMessage::Error { sub: None, message }.text())
                     .await;
             }
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if writer.is_finished() {
-            break;
+            Some(Incoming::Close(code)) => {
+                client.outbox.close(code);
+                break;
+            }
+            None => break,
         }
     }
     hub.disconnect(id);
-    drop(client);
-    writer.abort();
+    // Let a queued close go out; a writer that cannot finish in time is stopped.
+    client.outbox.close(1000);
+    let stop = writer.abort_handle();
+    if tokio::time::timeout(SEND_TIMEOUT, writer).await.is_err() {
+        stop.abort();
+    }
     drop(held);
 }
 

@@ -11,6 +11,7 @@
 mod hub;
 pub mod page;
 mod protocol;
+mod socket;
 
 pub use hub::{Hub, HubLimits};
 
