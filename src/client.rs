@@ -353,6 +353,10 @@ pub(crate) struct InvalidateArgs {
     pub(crate) no_cascade: bool,
     #[arg(long, default_value = "invalidated from the command line")]
     pub(crate) reason: String,
+    /// Change nothing: print what would be rebuilt, the source rows it reads and how long
+    /// it would take.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
 }
 
 pub(crate) async fn invalidate(args: InvalidateArgs) -> Result<()> {
@@ -360,8 +364,19 @@ pub(crate) async fn invalidate(args: InvalidateArgs) -> Result<()> {
     let body = json!({
         "analysis": args.analysis, "from": args.from, "to": args.to,
         "reason": args.reason, "rebuild": if args.lazy { "lazy" } else { "eager" },
-        "cascade": !args.no_cascade,
+        "cascade": !args.no_cascade, "dry_run": args.dry_run,
     });
+    if args.dry_run {
+        let plan = client
+            .send(
+                client
+                    .request(reqwest::Method::POST, "/v1/invalidations")?
+                    .json(&body),
+            )
+            .await?;
+        print!("{}", describe_plan(&plan));
+        return Ok(());
+    }
     let created = client
         .send(
             client
@@ -415,6 +430,80 @@ pub(crate) async fn invalidate(args: InvalidateArgs) -> Result<()> {
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
+}
+
+/// A dry run's plan, for a person: one line per analysis, then the total.
+fn describe_plan(plan: &Value) -> String {
+    let number = |v: &Value| {
+        let n = v.as_i64().unwrap_or(0);
+        let digits = n.abs().to_string();
+        let mut grouped = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                grouped.push(',');
+            }
+            grouped.push(c);
+        }
+        if n < 0 {
+            format!("-{grouped}")
+        } else {
+            grouped
+        }
+    };
+    let seconds = |v: &Value| {
+        let s = v.as_f64().unwrap_or(0.0);
+        if s < 60.0 {
+            format!("{s:.1} s")
+        } else if s < 3600.0 {
+            format!("{:.1} min", s / 60.0)
+        } else {
+            format!("{:.1} h", s / 3600.0)
+        }
+    };
+    let run = |r: &Value| match r {
+        Value::String(key) => key.clone(),
+        other => format!(
+            "{} to {}",
+            other["first"].as_str().unwrap_or("?"),
+            other["last"].as_str().unwrap_or("?")
+        ),
+    };
+    let mut out = String::from("Dry run: nothing was changed.\n");
+    for a in plan["analyses"].as_array().into_iter().flatten() {
+        let runs: Vec<String> = a["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(run)
+            .collect();
+        let shown = if runs.len() > 4 {
+            format!("{}, and {} more runs", runs[..4].join(", "), runs.len() - 4)
+        } else {
+            runs.join(", ")
+        };
+        let history = match a["history_builds"].as_i64().unwrap_or(0) {
+            0 => "no build history yet, default costs".to_string(),
+            n => format!("from {n} recent builds"),
+        };
+        out.push_str(&format!(
+            "  {} (version {}): {} partitions ({shown}), {} source rows, about {} ({history}); {} already queued, {} running\n",
+            a["analysis"].as_str().unwrap_or("?"),
+            a["version"],
+            number(&a["partitions"]),
+            number(&a["source_rows"]),
+            seconds(&a["estimated_seconds"]),
+            number(&a["already_queued"]),
+            number(&a["already_running"]),
+        ));
+    }
+    out.push_str(&format!(
+        "Would rebuild {} partitions reading {} source rows, in about {} with {} worker slots.\n",
+        number(&plan["partitions_total"]),
+        number(&plan["source_rows"]),
+        seconds(&plan["estimated_seconds"]),
+        plan["workers"].as_u64().unwrap_or(1),
+    ));
+    out
 }
 
 #[derive(Debug, Subcommand)]
@@ -614,6 +703,22 @@ pub(crate) async fn token(command: TokenCommand) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dry_run_plan_reads_as_lines_per_analysis_and_a_total() {
+        let plan = json!({"dry_run": true, "partitions_total": 8, "source_rows": 12345, "estimated_seconds": 1.25, "workers": 2,
+            "analyses": [{"analysis": "daily_avg", "version": 3, "partitions": 7, "runs": [{"first": "2024-05-01", "last": "2024-05-07"}],
+                          "source_rows": 12345, "estimated_seconds": 1.0, "already_queued": 1, "already_running": 0, "history_builds": 20},
+                         {"analysis": "weekly", "version": 1, "partitions": 1, "runs": ["2024-05-06"], "source_rows": 0,
+                          "estimated_seconds": 0.25, "already_queued": 0, "already_running": 0, "history_builds": 0}]});
+        let text = describe_plan(&plan);
+        assert!(text.contains("daily_avg (version 3): 7 partitions (2024-05-01 to 2024-05-07), 12,345 source rows, about 1.0 s (from 20 recent builds); 1 already queued"), "{text}");
+        assert!(
+            text.contains("weekly (version 1): 1 partitions (2024-05-06)"),
+            "{text}"
+        );
+        assert!(text.contains("Would rebuild 8 partitions reading 12,345 source rows, in about 1.2 s with 2 worker slots."), "{text}");
+    }
 
     #[test]
     fn a_csv_row_becomes_an_envelope_with_typed_data() {

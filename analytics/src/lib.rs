@@ -7,7 +7,10 @@
 //! - [`Workers`]: build loops over the build queue in SQL; the planner that turns new
 //!   data and new upstream generations into rebuilds; the reconciler that does the same
 //!   from SQL alone; the scheduler of preemptive rebuilds.
-//! - [`router`]: the endpoints of analyses, invalidations and schedules.
+//! - [`candidate`]: changed definitions built beside the live ones, compared, promoted.
+//! - [`dry_run`]: what an invalidation would rebuild and how long it would take.
+//! - [`router`]: the endpoints of analyses (builds, candidates), invalidations (dry runs,
+//!   retries) and schedules.
 //!
 //! Concurrency model: async tasks for I/O; every Polars computation runs on a blocking
 //! thread. At most `concurrency` builds run per process; across processes the SQL lease
@@ -15,6 +18,8 @@
 
 pub mod analysis;
 pub mod builtin;
+pub mod candidate;
+pub mod dry_run;
 pub mod frame;
 pub mod frame_files;
 pub mod frames;

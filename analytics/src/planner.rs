@@ -229,7 +229,8 @@ impl Workers {
             by_analysis.entry(analysis).or_default().push(partition);
         }
         for (analysis, partitions) in by_analysis {
-            let Some(meta) = self.cache.catalog().get(&analysis) else {
+            // Candidates' built partitions are kept current too.
+            let Some(meta) = self.cache.catalog().get_any(&analysis) else {
                 continue;
             };
             self.request(

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use scholia_annotation_cache::Catalog;
 use scholia_events::analysis::{AnalysisMeta, Input, InputSource, Language};
+use scholia_events::store::{Discarded, Promotion, candidate_name};
 use scholia_events::{Error, Granularity, Result, Store};
 
 use crate::analysis::{Analysis, Inputs};
@@ -127,10 +128,16 @@ impl Registry {
             Language::Sql => {
                 let key = (meta.name.clone(), meta.version);
                 let mut sql = self.sql.lock().expect("registry lock");
-                Ok(sql
-                    .entry(key)
-                    .or_insert_with(|| Arc::new(SqlAnalysis { meta: meta.clone() }))
-                    .clone())
+                // A discarded candidate's version number may come back with another
+                // definition: what is kept must be this very one.
+                if let Some(kept) = sql.get(&key)
+                    && kept.meta() == meta
+                {
+                    return Ok(kept.clone());
+                }
+                let analysis: Arc<dyn Analysis> = Arc::new(SqlAnalysis { meta: meta.clone() });
+                sql.insert(key, analysis.clone());
+                Ok(analysis)
             }
         }
     }
@@ -141,11 +148,11 @@ impl Registry {
             .readers(&InputSource::Analysis(name.to_string()))
     }
 
-    /// Register or change a SQL analysis. The SQL must run against its inputs (checked on
+    /// Check a SQL definition for `name` and make it an analysis (version 1, to be set by
+    /// the caller) with its fingerprint. The SQL must run against its inputs (checked on
     /// empty inputs shaped by the kinds' schemas and the upstream analyses' columns); its
-    /// inputs must exist and form no cycle. A changed definition gets the next version, and
-    /// so does every analysis downstream of it.
-    pub async fn put_sql(&self, name: &str, def: SqlDefinition, actor: &str) -> Result<Registered> {
+    /// inputs must exist and form no cycle with `name`.
+    async fn prepare_sql(&self, name: &str, def: SqlDefinition) -> Result<(AnalysisMeta, String)> {
         validate_name(name)?;
         if self.builtins.contains_key(name) {
             return Err(Error::Conflict(format!(
@@ -179,7 +186,7 @@ impl Registry {
             ));
         }
         check_statement(&sql).map_err(Error::Invalid)?;
-        let mut meta = AnalysisMeta {
+        let meta = AnalysisMeta {
             name: name.to_string(),
             version: 1,
             partition: def.partition.unwrap_or(Granularity::Day),
@@ -189,8 +196,16 @@ impl Registry {
             description: def.description,
         };
         self.check_compiles(&meta).await?;
-        let stored = self.store.analyses.get(name).await?;
         let print = self.fingerprint(&meta);
+        Ok((meta, print))
+    }
+
+    /// Register or change a SQL analysis (see [`Registry::prepare_sql`] for the checks). A
+    /// changed definition gets the next version, and so does every analysis downstream of
+    /// it.
+    pub async fn put_sql(&self, name: &str, def: SqlDefinition, actor: &str) -> Result<Registered> {
+        let (mut meta, print) = self.prepare_sql(name, def).await?;
+        let stored = self.store.analyses.get(name).await?;
         let created = stored.is_none();
         if let Some(stored) = &stored {
             meta.version = stored.meta.version;
@@ -221,6 +236,124 @@ impl Registry {
             changed: true,
             created,
         })
+    }
+
+    /// Register a changed definition of the live analysis `name` as its candidate, beside
+    /// it: stored as the analysis `name@candidate`, checked as `name` would be (its inputs
+    /// may not make a cycle with `name`), with a version above the live one's and above
+    /// any candidate's it replaces. A candidate whose computation changes starts over: the
+    /// annotations and queued builds of the one it replaces are dropped. The live analysis
+    /// is not touched.
+    pub async fn put_candidate(
+        &self,
+        name: &str,
+        def: SqlDefinition,
+        actor: &str,
+    ) -> Result<Registered> {
+        let live = self.catalog.find(name).await?;
+        if live.language == Language::Builtin {
+            return Err(Error::Conflict(format!(
+                "{name:?} is a built-in analysis; a candidate can only change a SQL analysis"
+            )));
+        }
+        let (mut meta, print) = self.prepare_sql(name, def).await?;
+        let live_record = self.store.analyses.get(name).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no analysis is named {name:?}; GET /v1/analyses lists them"
+            ))
+        })?;
+        if live_record.fingerprint == print {
+            return Err(Error::Conflict(format!(
+                "this is the live definition of {name:?} (version {}); change it to make a candidate",
+                live_record.meta.version
+            )));
+        }
+        let stored_name = candidate_name(name);
+        meta.name = stored_name.clone();
+        let stored = self.store.analyses.get(&stored_name).await?;
+        let created = stored.is_none();
+        meta.version = live_record.meta.version + 1;
+        if let Some(stored) = &stored {
+            if stored.fingerprint == print {
+                meta.version = stored.meta.version;
+                if stored.meta.description != meta.description {
+                    self.store
+                        .analyses
+                        .put(vec![(meta.clone(), print)], actor)
+                        .await?;
+                    self.catalog.insert(meta.clone());
+                }
+                return Ok(Registered {
+                    meta,
+                    changed: false,
+                    created,
+                });
+            }
+            meta.version = meta.version.max(stored.meta.version + 1);
+            // What the replaced candidate built is of another computation.
+            self.store.analyses.discard(&stored_name, actor).await?;
+        }
+        self.store
+            .analyses
+            .put(vec![(meta.clone(), print)], actor)
+            .await?;
+        self.catalog.insert(meta.clone());
+        Ok(Registered {
+            meta,
+            changed: true,
+            created,
+        })
+    }
+
+    /// Make `name`'s candidate live: the live analysis takes the candidate's definition
+    /// with its next version (the candidate's own when that is higher), every analysis
+    /// downstream of it the next version too, and the partitions the candidate's version
+    /// built become the live annotations of that version without a rebuild. Returns the
+    /// live analysis as it is now and the promoted partitions.
+    pub async fn promote(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<(AnalysisMeta, Vec<scholia_events::PartitionKey>)> {
+        let live = self.catalog.find(name).await?;
+        let stored_name = candidate_name(name);
+        let candidate = self.store.analyses.get(&stored_name).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "{name:?} has no candidate; register one with PUT /v1/analyses/{name}?candidate=true"
+            ))
+        })?;
+        let mut meta = candidate.meta.clone();
+        meta.name = name.to_string();
+        meta.version = (live.version + 1).max(candidate.meta.version);
+        let print = self.fingerprint(&meta);
+        let downstream = self.downstream_bumps(&meta)?;
+        let partitions = self
+            .store
+            .analyses
+            .promote(Promotion {
+                candidate: stored_name.clone(),
+                candidate_version: candidate.meta.version,
+                live: meta.clone(),
+                fingerprint: print,
+                downstream: downstream.clone(),
+                actor: actor.to_string(),
+            })
+            .await?;
+        self.catalog.insert(meta.clone());
+        for (changed, _) in downstream {
+            self.catalog.insert(changed);
+        }
+        self.catalog.remove(&stored_name);
+        Ok((meta, partitions))
+    }
+
+    /// Discard `name`'s candidate, its annotations and its queued builds.
+    pub async fn discard_candidate(&self, name: &str, actor: &str) -> Result<Discarded> {
+        self.catalog.find(name).await?;
+        let stored_name = candidate_name(name);
+        let discarded = self.store.analyses.discard(&stored_name, actor).await?;
+        self.catalog.remove(&stored_name);
+        Ok(discarded)
     }
 
     /// What decides the version: the computation, and the versions it reads.

@@ -1,24 +1,37 @@
 //! Handlers of analytics' endpoints, which a process serves with the cache role:
-//! analyses, invalidations and schedules, and their part of the OpenAPI document
+//! analyses (with their build history and candidates), invalidations (with dry runs and
+//! retries) and schedules, and their part of the OpenAPI document
 //! ([`AnalyticsState::openapi`]).
+
+use std::collections::BTreeMap;
 
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use scholia_annotation_cache::AnnotationCache;
-use scholia_events::Granularity;
 use scholia_events::analysis::{AnalysisMeta, Input, Language};
-use scholia_events::status::Rebuild;
-use scholia_events::store::Progress;
-use scholia_http::{Admin, ApiError, ApiResult, AppJson, AppPath, Core, Reader, parse_range};
+use scholia_events::envelope::format_time;
+use scholia_events::partition::runs;
+use scholia_events::status::{BuildState, PRIORITY_BULK, Rebuild, Want};
+use scholia_events::store::{
+    AnalysisRecord, BuildRecord, BuildRequest, CandidateSummary, Progress, candidate_name,
+};
+use scholia_events::{Granularity, PartitionKey, PartitionRun};
+use scholia_http::{
+    Admin, ApiError, ApiResult, AppJson, AppPath, AppQuery, Core, Reader, parse_range,
+};
 
+use crate::candidate::{self, PartitionDiff};
+use crate::dry_run::{self, DryRun};
 use crate::invalidation;
 use crate::registry::{Registry, SqlDefinition};
 use crate::schedule::{self, Schedule, ScheduleDefinition};
@@ -29,17 +42,25 @@ use crate::schedule::{self, Schedule, ScheduleDefinition};
         list_analyses,
         get_analysis,
         put_analysis,
+        list_builds,
+        get_candidate,
+        build_candidate,
+        diff_candidate,
+        promote_candidate,
+        discard_candidate,
         create_invalidation,
         list_invalidations,
         get_invalidation,
         cancel_invalidation,
+        retry_invalidation,
         list_schedules,
         get_schedule,
         put_schedule
     ),
     tags(
-        (name = "analyses", description = "Registered analyses: built in, or SQL registered at run time."),
-        (name = "invalidations", description = "Rebuilds of a date range of one analysis or all of them, and their progress."),
+        (name = "analyses", description = "Registered analyses: built in, or SQL registered at run time; their build history."),
+        (name = "candidates", description = "A changed definition of an analysis beside the live one: built over some partitions, compared with the live annotations, then promoted or discarded. Readers and charts see the live analysis only."),
+        (name = "invalidations", description = "Rebuilds of a date range of one analysis or all of them, their dry runs and progress, and retries of what failed."),
         (name = "schedules", description = "Preemptive rebuilds: a cron in UTC and a window ending at each firing.")
     )
 )]
@@ -69,6 +90,20 @@ pub fn router(state: AnalyticsState) -> Router {
     Router::new()
         .route("/v1/analyses", get(list_analyses))
         .route("/v1/analyses/{name}", get(get_analysis).put(put_analysis))
+        .route("/v1/analyses/{name}/builds", get(list_builds))
+        .route(
+            "/v1/analyses/{name}/candidate",
+            get(get_candidate).delete(discard_candidate),
+        )
+        .route(
+            "/v1/analyses/{name}/candidate/builds",
+            post(build_candidate),
+        )
+        .route("/v1/analyses/{name}/candidate/diff", get(diff_candidate))
+        .route(
+            "/v1/analyses/{name}/candidate/promote",
+            post(promote_candidate),
+        )
         .route(
             "/v1/invalidations",
             post(create_invalidation).get(list_invalidations),
@@ -77,6 +112,7 @@ pub fn router(state: AnalyticsState) -> Router {
             "/v1/invalidations/{id}",
             get(get_invalidation).delete(cancel_invalidation),
         )
+        .route("/v1/invalidations/{id}/retry", post(retry_invalidation))
         .route("/v1/schedules", get(list_schedules))
         .route("/v1/schedules/{name}", get(get_schedule).put(put_schedule))
         .with_state(state)
@@ -101,9 +137,29 @@ struct AnalysisView {
     sql: Option<String>,
     #[schema(value_type = String, pattern = "^active$")]
     status: &'static str,
+    /// Its candidate, registered beside it (`GET /v1/analyses/{name}/candidate`), or null.
+    candidate: Option<CandidateBrief>,
 }
 
-fn view(registry: &Registry, meta: &AnalysisMeta) -> AnalysisView {
+/// A candidate as an analysis' view mentions it.
+#[derive(Serialize, ToSchema)]
+struct CandidateBrief {
+    version: i64,
+    /// Partitions the candidate's version has built.
+    built: i64,
+}
+
+/// Every candidate, by the live analysis' name.
+async fn candidates(state: &AnalyticsState) -> ApiResult<BTreeMap<String, CandidateSummary>> {
+    let found = state.cache.core().store.analyses.candidates().await?;
+    Ok(found.into_iter().map(|c| (c.analysis.clone(), c)).collect())
+}
+
+fn view(
+    registry: &Registry,
+    meta: &AnalysisMeta,
+    candidates: &BTreeMap<String, CandidateSummary>,
+) -> AnalysisView {
     let mut downstream: Vec<String> = registry
         .downstream(&meta.name)
         .iter()
@@ -121,6 +177,10 @@ fn view(registry: &Registry, meta: &AnalysisMeta) -> AnalysisView {
         language: meta.language,
         sql: meta.sql.clone(),
         status: "active",
+        candidate: candidates.get(&meta.name).map(|c| CandidateBrief {
+            version: c.version,
+            built: c.built,
+        }),
     }
 }
 
@@ -142,8 +202,12 @@ async fn list_analyses(
     State(state): State<AnalyticsState>,
 ) -> ApiResult<Json<AnalysisList>> {
     let metas = state.registry.catalog().list();
+    let candidates = candidates(&state).await?;
     Ok(Json(AnalysisList {
-        analyses: metas.iter().map(|m| view(&state.registry, m)).collect(),
+        analyses: metas
+            .iter()
+            .map(|m| view(&state.registry, m, &candidates))
+            .collect(),
     }))
 }
 
@@ -162,7 +226,8 @@ async fn get_analysis(
     AppPath(name): AppPath<String>,
 ) -> ApiResult<Json<AnalysisView>> {
     let meta = state.registry.catalog().find(&name).await?;
-    Ok(Json(view(&state.registry, &meta)))
+    let candidates = candidates(&state).await?;
+    Ok(Json(view(&state.registry, &meta, &candidates)))
 }
 
 /// A SQL analysis as an admin submits it: one kind (`kind`), or several inputs (`inputs`).
@@ -222,26 +287,49 @@ impl From<AnalysisDefinition> for SqlDefinition {
     }
 }
 
-/// Register or change a SQL analysis.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PutQuery {
+    /// Register the definition as the analysis' candidate, beside the live one, instead of
+    /// changing the live one (which must exist).
+    candidate: Option<bool>,
+}
+
+/// What registering answers: the analysis, or its candidate.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum Registration {
+    Live(AnalysisView),
+    Candidate(CandidateView),
+}
+
+/// Register or change a SQL analysis, or register a candidate of it.
 ///
 /// A change bumps its version, and makes downstream annotations stale. SQL that does not
-/// compile, an unknown input or a cycle is refused with 422, naming the problem.
+/// compile, an unknown input or a cycle is refused with 422, naming the problem. With
+/// `?candidate=true` the definition is registered as the analysis' candidate, beside the
+/// live version, which is not touched (a candidate equal to the live definition is a
+/// conflict); it answers with the candidate.
 #[utoipa::path(
     put,
     path = "/v1/analyses/{name}",
     tag = "analyses",
     security(("bearer" = [])),
-    params(("name" = String, Path, pattern = "^[a-z][a-z0-9_-]{0,63}$", description = "The analysis' name: a lowercase letter, then up to 63 lowercase letters, digits, '_' or '-'.", example = "hourly_max")),
+    params(
+        ("name" = String, Path, pattern = "^[a-z][a-z0-9_-]{0,63}$", description = "The analysis' name: a lowercase letter, then up to 63 lowercase letters, digits, '_' or '-'.", example = "hourly_max"),
+        PutQuery
+    ),
     request_body = AnalysisDefinition,
     responses(
-        (status = 200, description = "Changed (or already this definition).", body = AnalysisView),
-        (status = 201, description = "Registered.", body = AnalysisView)
+        (status = 200, description = "Changed (or already this definition).", body = Registration),
+        (status = 201, description = "Registered (a candidate: registered or changed).", body = Registration)
     )
 )]
 async fn put_analysis(
     Admin(token): Admin,
     State(state): State<AnalyticsState>,
     AppPath(name): AppPath<String>,
+    AppQuery(query): AppQuery<PutQuery>,
     AppJson(def): AppJson<AnalysisDefinition>,
 ) -> ApiResult<Response> {
     if let Some(body_name) = &def.name
@@ -250,6 +338,19 @@ async fn put_analysis(
         return Err(ApiError::invalid(format!(
             "The body names the analysis {body_name:?} but the path names {name:?}; make them agree."
         )));
+    }
+    if query.candidate == Some(true) {
+        let registered = state
+            .registry
+            .put_candidate(&name, def.into(), &token.actor())
+            .await?;
+        let status = if registered.changed {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let view = candidate_view(&state, &name).await?;
+        return Ok((status, Json(Registration::Candidate(view))).into_response());
     }
     let registered = state
         .registry
@@ -260,7 +361,428 @@ async fn put_analysis(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(view(&state.registry, &registered.meta))).into_response())
+    let candidates = candidates(&state).await?;
+    let view = view(&state.registry, &registered.meta, &candidates);
+    Ok((status, Json(Registration::Live(view))).into_response())
+}
+
+/// The most builds one page of history holds.
+const MAX_BUILDS_PAGE: i64 = 1_000;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct BuildsQuery {
+    /// How many builds, from 1 to 1000 (100 when left out).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Only the builds of this partition (`2024-05-05` or `2024-05-05T13`).
+    #[param(pattern = r"^\d{4}-\d{2}-\d{2}(T\d{2})?$", example = "2024-05-05")]
+    partition: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct BuildList {
+    /// Newest first.
+    builds: Vec<BuildRecord>,
+}
+
+/// An analysis' recent builds, newest first.
+///
+/// Each with its partition, version, generation, rows read and written, duration, attempt,
+/// worker, outcome and error. The history keeps the newest 50 builds of each partition, and
+/// none older than 30 days.
+#[utoipa::path(
+    get,
+    path = "/v1/analyses/{name}/builds",
+    tag = "analyses",
+    security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "The analysis' name.", example = "daily_avg"),
+        BuildsQuery
+    ),
+    responses((status = 200, description = "Its builds.", body = BuildList))
+)]
+async fn list_builds(
+    Reader(_reader): Reader,
+    State(state): State<AnalyticsState>,
+    AppPath(name): AppPath<String>,
+    AppQuery(query): AppQuery<BuildsQuery>,
+) -> ApiResult<Json<BuildList>> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_BUILDS_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "Give limit as a number from 1 to {MAX_BUILDS_PAGE}, not {limit}."
+        )));
+    }
+    let partition = query
+        .partition
+        .as_deref()
+        .map(PartitionKey::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("partition: {e}.")))?;
+    let meta = state.registry.catalog().find(&name).await?;
+    let builds = state
+        .cache
+        .core()
+        .store
+        .annotations
+        .builds(&meta.name, partition.as_ref(), limit as usize)
+        .await?;
+    Ok(Json(BuildList { builds }))
+}
+
+/// A candidate: its definition beside the live version, and what it built.
+#[derive(Serialize, ToSchema)]
+struct CandidateView {
+    /// The live analysis' name.
+    name: String,
+    /// Always true: this is a candidate, not the live analysis.
+    candidate: bool,
+    /// The candidate's version (the live version it would become, unless the live one
+    /// changes first).
+    version: i64,
+    /// The live analysis' version now.
+    live_version: i64,
+    kind: Option<String>,
+    partition: Granularity,
+    inputs: Vec<Input>,
+    description: String,
+    language: Language,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sql: Option<String>,
+    /// How many partitions the candidate's version has built.
+    built: u64,
+    /// Those partitions, as runs of consecutive keys.
+    partitions: Vec<PartitionRun>,
+    /// Its builds queued now.
+    queued: u64,
+    /// Its builds running now.
+    running: u64,
+    /// Partitions whose build failed, with why (at most 100).
+    failed: Vec<FailedPartition>,
+    updated_by: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct FailedPartition {
+    partition: PartitionKey,
+    error: Option<String>,
+}
+
+/// The live analysis `name` and its candidate as stored, or not found.
+async fn live_and_candidate(
+    state: &AnalyticsState,
+    name: &str,
+) -> ApiResult<(std::sync::Arc<AnalysisMeta>, AnalysisRecord)> {
+    let live = state.registry.catalog().find(name).await?;
+    let stored = state
+        .cache
+        .core()
+        .store
+        .analyses
+        .get(&candidate_name(name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "{name:?} has no candidate; register one with PUT /v1/analyses/{name}?candidate=true."
+            ))
+        })?;
+    Ok((live, stored))
+}
+
+/// Partitions one candidate view lists at most.
+const MAX_LISTED: usize = 200_000;
+
+async fn candidate_view(state: &AnalyticsState, name: &str) -> ApiResult<CandidateView> {
+    let (live, stored) = live_and_candidate(state, name).await?;
+    let store = &state.cache.core().store;
+    let meta = &stored.meta;
+    let built = store
+        .annotations
+        .built(&meta.name, meta.version, MAX_LISTED)
+        .await?;
+    let states = store.queue.states(&meta.name, "", "~").await?;
+    let count = |wanted: BuildState| states.iter().filter(|s| s.state == wanted).count() as u64;
+    Ok(CandidateView {
+        name: name.to_string(),
+        candidate: true,
+        version: meta.version,
+        live_version: live.version,
+        kind: meta.kind().map(str::to_string),
+        partition: meta.partition,
+        inputs: meta.inputs.clone(),
+        description: meta.description.clone(),
+        language: meta.language,
+        sql: meta.sql.clone(),
+        built: built.len() as u64,
+        partitions: runs(built),
+        queued: count(BuildState::Queued),
+        running: count(BuildState::Running),
+        failed: states
+            .iter()
+            .filter(|s| s.state == BuildState::Failed)
+            .take(100)
+            .map(|s| FailedPartition {
+                partition: s.partition,
+                error: s.error.clone(),
+            })
+            .collect(),
+        updated_by: stored.updated_by.clone(),
+        updated_at: format_time(stored.updated_at),
+    })
+}
+
+const NAME_PARAMETER: &str = "The live analysis' name.";
+
+/// An analysis' candidate: its definition and the partitions it built.
+#[utoipa::path(
+    get,
+    path = "/v1/analyses/{name}/candidate",
+    tag = "candidates",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = NAME_PARAMETER, example = "daily_avg")),
+    responses((status = 200, description = "The candidate.", body = CandidateView))
+)]
+async fn get_candidate(
+    Admin(_admin): Admin,
+    State(state): State<AnalyticsState>,
+    AppPath(name): AppPath<String>,
+) -> ApiResult<Json<CandidateView>> {
+    Ok(Json(candidate_view(&state, &name).await?))
+}
+
+/// Which partitions to build a candidate over: a range, or a sample.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"sample": 7}))]
+struct CandidateBuildRequest {
+    /// The start of the range (inclusive); with `to`.
+    #[serde(default)]
+    #[schema(schema_with = scholia_http::openapi::instant)]
+    from: Option<String>,
+    /// The end of the range (exclusive); with `from`.
+    #[serde(default)]
+    #[schema(schema_with = scholia_http::openapi::instant)]
+    to: Option<String>,
+    /// Instead of a range: this many of the latest partitions the live version built.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
+    sample: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct CandidateBuilds {
+    /// The partitions asked for.
+    partitions: Vec<PartitionKey>,
+    /// Of those, how many were queued (the others are built by this version already, or
+    /// under way).
+    queued: u64,
+}
+
+/// Build the candidate over a range of partitions, or over a sample of those the live
+/// version built.
+///
+/// The builds go through the normal queue and workers, after what readers wait for;
+/// readers and charts still see the live version. At most 10,000 partitions at a time.
+#[utoipa::path(
+    post,
+    path = "/v1/analyses/{name}/candidate/builds",
+    tag = "candidates",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = NAME_PARAMETER, example = "daily_avg")),
+    request_body = CandidateBuildRequest,
+    responses((status = 202, description = "Queued.", body = CandidateBuilds))
+)]
+async fn build_candidate(
+    Admin(token): Admin,
+    State(state): State<AnalyticsState>,
+    AppPath(name): AppPath<String>,
+    AppJson(request): AppJson<CandidateBuildRequest>,
+) -> ApiResult<Response> {
+    let (live, stored) = live_and_candidate(&state, &name).await?;
+    let range = match (request.from.as_deref(), request.to.as_deref()) {
+        (None, None) => None,
+        (Some(from), Some(to)) => Some(parse_range(Some(from), Some(to))?),
+        _ => {
+            return Err(ApiError::invalid(
+                "Give both from and to (a range of partitions), or sample alone.",
+            ));
+        }
+    };
+    let store = &state.cache.core().store;
+    let partitions =
+        candidate::partitions_to_build(store, &live, &stored.meta, range, request.sample).await?;
+    let queued = store
+        .queue
+        .request(BuildRequest {
+            analysis: stored.meta.name.clone(),
+            version: stored.meta.version,
+            partitions: partitions.clone(),
+            priority: PRIORITY_BULK,
+            want: Want::Present,
+            not_before: Utc::now(),
+            actor: token.actor(),
+            log: true,
+        })
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CandidateBuilds {
+            partitions,
+            queued: queued.len() as u64,
+        }),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct DiffQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// Written out: `from` and `to` are read as text but are dates or times.
+impl IntoParams for DiffQuery {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        use scholia_http::openapi::instant_parameter;
+        vec![
+            instant_parameter("from", "The start of the range (inclusive)."),
+            instant_parameter("to", "The end of the range (exclusive)."),
+        ]
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct CandidateDiff {
+    analysis: String,
+    live_version: i64,
+    candidate_version: i64,
+    /// Per partition of the range, in order.
+    partitions: Vec<PartitionDiff>,
+}
+
+/// The candidate's annotations against the live ones, per partition.
+///
+/// Rows are matched on their non-measure columns (strings, integers, booleans, dates and
+/// times; floats are measures), and sorted into added, removed and changed, with the
+/// columns that changed; at most 100 rows of each list per partition are shown, the counts
+/// are whole. At most 1,000 partitions at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/analyses/{name}/candidate/diff",
+    tag = "candidates",
+    security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = NAME_PARAMETER, example = "daily_avg"),
+        DiffQuery
+    ),
+    responses((status = 200, description = "The differences.", body = CandidateDiff))
+)]
+async fn diff_candidate(
+    Admin(_admin): Admin,
+    State(state): State<AnalyticsState>,
+    AppPath(name): AppPath<String>,
+    AppQuery(query): AppQuery<DiffQuery>,
+) -> ApiResult<Json<CandidateDiff>> {
+    let (from, to) = parse_range(query.from.as_deref(), query.to.as_deref())?;
+    let (live, stored) = live_and_candidate(&state, &name).await?;
+    if stored.meta.partition != live.partition {
+        return Err(ApiError::invalid(format!(
+            "The candidate partitions by {} and the live analysis by {}, so their partitions cannot be compared one by one.",
+            stored.meta.partition, live.partition
+        )));
+    }
+    let keys = stored
+        .meta
+        .partition
+        .partitions_between(from, to, candidate::MAX_DIFF_PARTITIONS)
+        .map_err(|e| ApiError::invalid(scholia_http::sentence(&e)))?;
+    let store = &state.cache.core().store;
+    let partitions = candidate::diff(store, &live, &stored.meta, &keys).await?;
+    Ok(Json(CandidateDiff {
+        analysis: name,
+        live_version: live.version,
+        candidate_version: stored.meta.version,
+        partitions,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct PromotedView {
+    /// The live analysis now.
+    analysis: AnalysisView,
+    /// How many of its partitions the candidate's annotations became, without a rebuild.
+    promoted: u64,
+    /// Those partitions, as runs; the others are stale, as after any change.
+    partitions: Vec<PartitionRun>,
+}
+
+/// Make the candidate live.
+///
+/// The live analysis takes the candidate's definition and a new version; the partitions
+/// the candidate built become its annotations of that version without a rebuild (their
+/// generation continues the live partition's count); the others become stale, as with any
+/// change, and downstream analyses follow as after any upstream change.
+#[utoipa::path(
+    post,
+    path = "/v1/analyses/{name}/candidate/promote",
+    tag = "candidates",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = NAME_PARAMETER, example = "daily_avg")),
+    responses((status = 200, description = "Promoted; the live analysis.", body = PromotedView))
+)]
+async fn promote_candidate(
+    Admin(token): Admin,
+    State(state): State<AnalyticsState>,
+    AppPath(name): AppPath<String>,
+) -> ApiResult<Json<PromotedView>> {
+    let (meta, partitions) = state.registry.promote(&name, &token.actor()).await?;
+    let candidates = candidates(&state).await?;
+    Ok(Json(PromotedView {
+        analysis: view(&state.registry, &meta, &candidates),
+        promoted: partitions.len() as u64,
+        partitions: runs(partitions),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct DiscardedView {
+    /// The live analysis' name.
+    name: String,
+    /// The candidate's version that was discarded.
+    version: i64,
+    /// Its annotations, deleted.
+    partitions: i64,
+    /// Its queued or running builds, dropped.
+    queued: i64,
+}
+
+/// Discard the candidate, its annotations and its queued builds.
+#[utoipa::path(
+    delete,
+    path = "/v1/analyses/{name}/candidate",
+    tag = "candidates",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = NAME_PARAMETER, example = "daily_avg")),
+    responses((status = 200, description = "Discarded.", body = DiscardedView))
+)]
+async fn discard_candidate(
+    Admin(token): Admin,
+    State(state): State<AnalyticsState>,
+    AppPath(name): AppPath<String>,
+) -> ApiResult<Json<DiscardedView>> {
+    let discarded = state
+        .registry
+        .discard_candidate(&name, &token.actor())
+        .await?;
+    Ok(Json(DiscardedView {
+        name,
+        version: discarded.version,
+        partitions: discarded.partitions,
+        queued: discarded.queued,
+    }))
 }
 
 /// What to invalidate.
@@ -286,19 +808,30 @@ struct InvalidationRequest {
     /// default).
     #[serde(default)]
     cascade: Option<bool>,
+    /// Change nothing: answer 200 with the plan (per analysis the partitions it would
+    /// rebuild, the source rows they read, an estimate of the time from build history, what
+    /// is queued or running already).
+    #[serde(default)]
+    dry_run: Option<bool>,
 }
 
-/// Invalidate a range of one analysis or of all of them.
+/// Invalidate a range of one analysis or of all of them, or plan it.
 ///
 /// Its partitions are rebuilt (eagerly or lazily), and annotations read meanwhile are
-/// `stale`.
+/// `stale`. With `"dry_run": true` nothing changes and the answer is the plan: the same
+/// partitions, downstream included, with the source rows they read, an estimate of the
+/// time from build history (shared among the workers seen lately) and what is already
+/// queued or running.
 #[utoipa::path(
     post,
     path = "/v1/invalidations",
     tag = "invalidations",
     security(("bearer" = [])),
     request_body = InvalidationRequest,
-    responses((status = 202, description = "Recorded; its partitions are queued (or marked stale).", body = Progress))
+    responses(
+        (status = 200, description = "A dry run: the plan; nothing changed.", body = DryRun),
+        (status = 202, description = "Recorded; its partitions are queued (or marked stale).", body = Progress)
+    )
 )]
 async fn create_invalidation(
     Admin(token): Admin,
@@ -312,6 +845,7 @@ async fn create_invalidation(
             "reason is longer than 1,000 characters; shorten it.",
         ));
     }
+    let dry = request.dry_run.unwrap_or(false);
     let request = invalidation::Request {
         analysis: request.analysis,
         from,
@@ -322,6 +856,10 @@ async fn create_invalidation(
         actor: token.actor(),
     };
     let store = &state.cache.core().store;
+    if dry {
+        let plan = dry_run::dry_run(store, state.registry.catalog(), &request).await?;
+        return Ok((StatusCode::OK, Json(plan)).into_response());
+    }
     let id = invalidation::create(store, state.registry.catalog(), &request).await?;
     let progress = store.invalidations.progress(id).await?;
     Ok((StatusCode::ACCEPTED, Json(progress)).into_response())
@@ -401,6 +939,52 @@ async fn cancel_invalidation(
         .cancel(parse_id(&id)?, &token.actor())
         .await?;
     Ok(Json(progress))
+}
+
+/// A retry: the new invalidation.
+#[derive(Serialize, ToSchema)]
+struct RetryAnswer {
+    /// The new invalidation's id.
+    id: Uuid,
+    /// The invalidation it retries.
+    retry_of: Uuid,
+    /// How many partitions it rebuilds: those of `retry_of` that failed.
+    partitions: i64,
+}
+
+/// Rebuild only the partitions of an invalidation that failed.
+///
+/// A new invalidation of exactly those partitions, logged like any other; 409 while the
+/// invalidation still has partitions pending, or when none failed.
+#[utoipa::path(
+    post,
+    path = "/v1/invalidations/{id}/retry",
+    tag = "invalidations",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The invalidation's id.")),
+    responses((status = 202, description = "The retry is recorded and its partitions queued.", body = RetryAnswer))
+)]
+async fn retry_invalidation(
+    Admin(token): Admin,
+    State(state): State<AnalyticsState>,
+    AppPath(id): AppPath<String>,
+) -> ApiResult<Response> {
+    let retried = state
+        .cache
+        .core()
+        .store
+        .invalidations
+        .retry(parse_id(&id)?, &token.actor())
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RetryAnswer {
+            id: retried.id,
+            retry_of: retried.retry_of,
+            partitions: retried.partitions,
+        }),
+    )
+        .into_response())
 }
 
 /// A schedule as the API shows it.

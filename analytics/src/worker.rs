@@ -214,7 +214,8 @@ impl Workers {
     async fn build(&self, claim: Claim, shutdown: &CancellationToken) {
         let started = Instant::now();
         let core = self.cache.core();
-        let meta = match self.cache.catalog().find(&claim.analysis).await {
+        // `find_any`: candidates (`name@candidate`) build through the same queue.
+        let meta = match self.cache.catalog().find_any(&claim.analysis).await {
             Ok(meta) => meta,
             Err(error) => {
                 self.record_failure(&claim, 0, error).await;

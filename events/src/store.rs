@@ -281,6 +281,55 @@ pub struct AnalysisRecord {
     pub updated_by: String,
 }
 
+/// What a candidate's name ends with. A candidate of `daily_avg` is stored as an analysis of
+/// its own, `daily_avg@candidate`, so that it builds through the same queue and workers and
+/// its annotations live under that name; `@` cannot appear in an analysis' name, so the two
+/// never collide, and every place users list or read analyses leaves candidates out.
+pub const CANDIDATE_SUFFIX: &str = "@candidate";
+
+/// The stored name of `analysis`' candidate.
+pub fn candidate_name(analysis: &str) -> String {
+    format!("{analysis}{CANDIDATE_SUFFIX}")
+}
+
+/// The live analysis whose candidate `name` is, when it is one.
+pub fn candidate_of(name: &str) -> Option<&str> {
+    name.strip_suffix(CANDIDATE_SUFFIX)
+}
+
+/// A candidate as lists show it: its version and how many partitions that version built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateSummary {
+    /// The live analysis it is a candidate of.
+    pub analysis: String,
+    pub version: i64,
+    pub built: i64,
+}
+
+/// Making a candidate live: the live analysis' new definition (the candidate's, with the
+/// next live version), the downstream analyses whose version follows it, and the candidate
+/// whose annotations of `candidate_version` become the live ones.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// The candidate's stored name (`daily_avg@candidate`).
+    pub candidate: String,
+    pub candidate_version: i64,
+    pub live: AnalysisMeta,
+    pub fingerprint: String,
+    pub downstream: Vec<(AnalysisMeta, String)>,
+    pub actor: String,
+}
+
+/// What discarding a candidate removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Discarded {
+    pub version: i64,
+    /// Its annotations, deleted.
+    pub partitions: i64,
+    /// Its builds that were queued or running, dropped.
+    pub queued: i64,
+}
+
 #[async_trait]
 pub trait Analyses: Send + Sync {
     async fn list(&self) -> Result<Vec<AnalysisRecord>>;
@@ -288,6 +337,20 @@ pub trait Analyses: Send + Sync {
     /// Store definitions (an analysis, and downstream analyses whose version follows it)
     /// and log `analysis.registered` for each, in one transaction.
     async fn put(&self, analyses: Vec<(AnalysisMeta, String)>, actor: &str) -> Result<()>;
+    /// Every candidate, with the partitions its version built.
+    async fn candidates(&self) -> Result<Vec<CandidateSummary>>;
+    /// Make a candidate live, in one transaction: store the live definitions and log
+    /// `analysis.registered` for each; move the candidate's annotations of its version (and
+    /// what their builds read) to the live analysis, with the live version and the live
+    /// partition's next generation, logging `analysis.completed` for each so that caches
+    /// and charts take them; drop the candidate, its other annotations and its queued
+    /// builds; log `admin.action` `candidate.promoted`. Returns the promoted partitions.
+    /// A candidate that is gone or changed meanwhile is a conflict.
+    async fn promote(&self, promotion: Promotion) -> Result<Vec<PartitionKey>>;
+    /// Delete a candidate (`name` is its stored name), its annotations, what their builds
+    /// read, its queued builds and its build history, and log `admin.action`
+    /// `candidate.discarded`, in one transaction. Not found when there is none.
+    async fn discard(&self, name: &str, actor: &str) -> Result<Discarded>;
 }
 
 /// A request for builds.
@@ -475,6 +538,66 @@ pub trait Annotations: Send + Sync {
     /// (lineage: what was built from a record, or from an upstream annotation).
     async fn readers(&self, input: &InputSource, key: &str, seq: i64)
     -> Result<Vec<AnnotationKey>>;
+    /// The build history of `analysis` (of one partition, when given), newest first, at
+    /// most `limit`.
+    async fn builds(
+        &self,
+        analysis: &str,
+        partition: Option<&PartitionKey>,
+        limit: usize,
+    ) -> Result<Vec<BuildRecord>>;
+    /// The rows of each stored annotation of `analysis` with keys in `[first, last]`
+    /// (what a downstream partition reading them reads), without the rows themselves.
+    async fn row_counts(
+        &self,
+        analysis: &str,
+        first: &PartitionKey,
+        last: &PartitionKey,
+    ) -> Result<Vec<(PartitionKey, i64)>>;
+    /// The partitions of `analysis` whose stored annotation `version` built, the latest
+    /// partitions first, at most `limit`.
+    async fn built(&self, analysis: &str, version: i64, limit: usize) -> Result<Vec<PartitionKey>>;
+    /// The build slots (`host-pid#slot`) that finished a build of one of `analyses` since
+    /// `since`, or hold a lease now.
+    async fn workers_seen(&self, analyses: &[String], since: DateTime<Utc>) -> Result<Vec<String>>;
+}
+
+/// How many builds the history keeps of each partition of an analysis; older ones are
+/// deleted as new ones are recorded.
+pub const BUILDS_KEPT_PER_PARTITION: i64 = 50;
+/// How long the history keeps a build, in days; older ones of an analysis are deleted as
+/// its new ones are recorded.
+pub const BUILDS_KEPT_DAYS: i64 = 30;
+
+/// One build of the history.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BuildRecord {
+    /// The build's id (as `analysis.started` and `analysis.completed` name it).
+    pub id: Uuid,
+    pub partition: PartitionKey,
+    /// The analysis' version it built.
+    pub version: i64,
+    /// The generation it committed; null when it failed.
+    pub generation: Option<i64>,
+    /// Rows read over every input.
+    pub rows_read: i64,
+    /// Rows of the annotation it made.
+    pub rows_written: i64,
+    /// From the claim to the commit (or the failure).
+    pub duration_ms: i64,
+    /// Builds started for this request, this one included.
+    pub attempt: i32,
+    /// The build slot that ran it (`host-pid#slot`).
+    pub worker: String,
+    /// `completed`, `retrying` (a transient failure, tried again) or `failed` (given up).
+    #[schema(pattern = "^(completed|retrying|failed)$")]
+    pub outcome: String,
+    /// Why it failed, as a sentence.
+    pub error: Option<String>,
+    #[schema(format = DateTime)]
+    pub started_at: String,
+    #[schema(format = DateTime)]
+    pub finished_at: String,
 }
 
 /// Every partition an invalidation covers, per analysis.
@@ -510,6 +633,16 @@ pub struct Progress {
     pub partitions_done: i64,
     pub partitions_failed: i64,
     pub partitions_cancelled: i64,
+    /// The invalidation whose failed partitions this one rebuilds, when it is a retry.
+    pub retry_of: Option<Uuid>,
+}
+
+/// A retry of an invalidation's failed partitions: the new invalidation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retried {
+    pub id: Uuid,
+    pub retry_of: Uuid,
+    pub partitions: i64,
 }
 
 #[async_trait]
@@ -522,6 +655,19 @@ pub trait Invalidations: Send + Sync {
     async fn list(&self, limit: usize) -> Result<Vec<Progress>>;
     /// No new build starts for it; what runs finishes.
     async fn cancel(&self, id: Uuid, actor: &str) -> Result<Progress>;
+    /// A new invalidation of exactly the partitions of `id` that failed, recorded, queued
+    /// and logged like any other (with `admin.action` `invalidation.retried`), in one
+    /// transaction. Not found for an unknown id; a conflict while `id` still has partitions
+    /// pending, or when none failed.
+    async fn retry(&self, id: Uuid, actor: &str) -> Result<Retried>;
+    /// The records of `kind` per hour in the whole hours `[from, to)`, hours without any
+    /// left out, oldest first (what a dry run counts its source rows from).
+    async fn hour_rows(
+        &self,
+        kind: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<(PartitionKey, i64)>>;
 }
 
 /// A schedule as stored.

@@ -551,6 +551,9 @@ async fn every_answer_is_what_the_openapi_document_says() {
         ("/assets/style.css", "/assets/style.css"),
         ("/assets/uPlot.iife.min.js", "/assets/uPlot.iife.min.js"),
         ("/assets/uPlot.min.css", "/assets/uPlot.min.css"),
+        ("/admin", "/admin"),
+        ("/assets/admin.js", "/assets/admin.js"),
+        ("/assets/admin.css", "/assets/admin.css"),
     ] {
         c.expect(call(M::GET, template, path).token(None), 200)
             .await;
@@ -941,6 +944,239 @@ async fn every_answer_is_what_the_openapi_document_says() {
     )
     .await;
 
+    // Build history, and a candidate of hourly_max through its whole life.
+    let builds = "/v1/analyses/{name}/builds";
+    let history = c
+        .expect(call(M::GET, builds, "/v1/analyses/daily_avg/builds"), 200)
+        .await;
+    assert!(
+        history.json()["builds"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty()),
+        "{}",
+        history.json()
+    );
+    c.expect(
+        call(
+            M::GET,
+            builds,
+            "/v1/analyses/daily_avg/builds?limit=5&partition=2024-05-05",
+        )
+        .token(Some(&reader)),
+        200,
+    )
+    .await;
+    c.expect(
+        call(M::GET, builds, "/v1/analyses/daily_avg/builds?limit=0"),
+        400,
+    )
+    .await;
+    c.expect(
+        call(
+            M::GET,
+            builds,
+            "/v1/analyses/daily_avg/builds?partition=May",
+        ),
+        422,
+    )
+    .await;
+    c.expect(call(M::GET, builds, "/v1/analyses/no_such/builds"), 404)
+        .await;
+    let candidate_definition = json!({"kind": "generation", "partition": "1h", "sql": "SELECT source, MIN(output_mw) AS max_mw FROM generation GROUP BY source"});
+    let registered = c
+        .expect(
+            call(M::PUT, analysis, "/v1/analyses/hourly_max?candidate=true")
+                .json(&candidate_definition),
+            201,
+        )
+        .await;
+    assert_eq!(
+        registered.json()["candidate"],
+        true,
+        "{}",
+        registered.json()
+    );
+    c.expect(
+        call(M::PUT, analysis, "/v1/analyses/hourly_max?candidate=true")
+            .json(&candidate_definition),
+        200,
+    )
+    .await;
+    c.expect(
+        call(M::PUT, analysis, "/v1/analyses/hourly_max?candidate=true").json(&definition),
+        409,
+    )
+    .await;
+    c.expect(
+        call(M::PUT, analysis, "/v1/analyses/no_such?candidate=true").json(&candidate_definition),
+        404,
+    )
+    .await;
+    c.expect(
+        call(M::PUT, analysis, "/v1/analyses/hourly_max?candidate=maybe")
+            .json(&candidate_definition),
+        400,
+    )
+    .await;
+    let listed = c
+        .expect(call(M::GET, "/v1/analyses", "/v1/analyses"), 200)
+        .await;
+    assert!(
+        listed.json()["analyses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "hourly_max" && a["candidate"]["version"] == 2),
+        "{}",
+        listed.json()
+    );
+    let candidate = "/v1/analyses/{name}/candidate";
+    c.expect(
+        call(M::GET, candidate, "/v1/analyses/hourly_max/candidate"),
+        200,
+    )
+    .await;
+    c.expect(
+        call(M::GET, candidate, "/v1/analyses/daily_avg/candidate"),
+        404,
+    )
+    .await;
+    c.expect(
+        call(M::GET, candidate, "/v1/analyses/hourly_max/candidate").token(Some(&reader)),
+        403,
+    )
+    .await;
+    let candidate_builds = "/v1/analyses/{name}/candidate/builds";
+    c.expect(
+        call(
+            M::POST,
+            candidate_builds,
+            "/v1/analyses/hourly_max/candidate/builds",
+        )
+        .json(&json!({"from": "2024-05-05T00:00:00Z", "to": "2024-05-05T06:00:00Z"})),
+        202,
+    )
+    .await;
+    c.expect(
+        call(
+            M::POST,
+            candidate_builds,
+            "/v1/analyses/hourly_max/candidate/builds",
+        )
+        .json(&json!({"sample": 2})),
+        202,
+    )
+    .await;
+    c.expect(
+        call(
+            M::POST,
+            candidate_builds,
+            "/v1/analyses/hourly_max/candidate/builds",
+        )
+        .json(&json!({})),
+        422,
+    )
+    .await;
+    c.expect(
+        call(
+            M::POST,
+            candidate_builds,
+            "/v1/analyses/daily_avg/candidate/builds",
+        )
+        .json(&json!({"sample": 2})),
+        404,
+    )
+    .await;
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the candidate's builds",
+        || async {
+            let (_, view) = app.get("/v1/analyses/hourly_max/candidate", ADMIN).await;
+            (view["built"].as_u64() >= Some(2) && view["queued"] == 0 && view["running"] == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let diff = "/v1/analyses/{name}/candidate/diff";
+    let compared = c
+        .expect(
+            call(
+                M::GET,
+                diff,
+                "/v1/analyses/hourly_max/candidate/diff?from=2024-05-05T00:00:00Z&to=2024-05-05T06:00:00Z",
+            ),
+            200,
+        )
+        .await;
+    assert!(
+        compared.json()["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["status"] == "compared"),
+        "{}",
+        compared.json()
+    );
+    c.expect(
+        call(
+            M::GET,
+            diff,
+            "/v1/analyses/hourly_max/candidate/diff?to=2024-05-06",
+        ),
+        400,
+    )
+    .await;
+    c.expect(
+        call(
+            M::GET,
+            diff,
+            "/v1/analyses/hourly_max/candidate/diff?from=2024-01-01&to=2025-01-01",
+        ),
+        422,
+    )
+    .await;
+    let promote = "/v1/analyses/{name}/candidate/promote";
+    let promoted = c
+        .expect(
+            call(
+                M::POST,
+                promote,
+                "/v1/analyses/hourly_max/candidate/promote",
+            ),
+            200,
+        )
+        .await;
+    assert_eq!(
+        promoted.json()["analysis"]["version"],
+        2,
+        "{}",
+        promoted.json()
+    );
+    c.expect(
+        call(
+            M::POST,
+            promote,
+            "/v1/analyses/hourly_max/candidate/promote",
+        ),
+        404,
+    )
+    .await;
+    c.expect(
+        call(M::PUT, analysis, "/v1/analyses/hourly_max?candidate=true").json(&definition),
+        201,
+    )
+    .await;
+    c.expect(
+        call(M::DELETE, candidate, "/v1/analyses/hourly_max/candidate"),
+        200,
+    )
+    .await;
+    c.expect(
+        call(M::DELETE, candidate, "/v1/analyses/hourly_max/candidate"),
+        404,
+    )
+    .await;
+
     // Lineage and the log.
     let lineage = "/v1/lineage/{data_id}";
     let traced = c
@@ -1025,6 +1261,87 @@ async fn every_answer_is_what_the_openapi_document_says() {
         200,
     )
     .await;
+    let planned = c
+        .expect(call(M::POST, invalidations, invalidations).json(&json!({"analysis": "daily_avg", "from": "2024-05-05", "to": "2024-05-07", "dry_run": true})), 200)
+        .await;
+    assert_eq!(planned.json()["partitions_total"], 2, "{}", planned.json());
+    c.expect(
+        call(M::POST, invalidations, invalidations)
+            .json(&json!({"analysis": "no_such", "from": "2024-05-05", "to": "2024-05-06", "dry_run": true})),
+        404,
+    )
+    .await;
+    let retry = "/v1/invalidations/{id}/retry";
+    c.expect(
+        call(
+            M::POST,
+            retry,
+            format!("/v1/invalidations/{}/retry", Uuid::now_v7()),
+        ),
+        404,
+    )
+    .await;
+    c.expect(call(M::POST, retry, "/v1/invalidations/x/retry"), 400)
+        .await;
+    // A build that fails, to retry.
+    let (status, body) = app
+        .ingest(
+            ADMIN,
+            &[json!({"kind": "memo", "source": "m", "created": "2024-05-05T12:00:00Z", "data": {"note": "abc"}})],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    c.expect(
+        call(M::PUT, analysis, "/v1/analyses/note_numbers")
+            .json(&json!({"kind": "memo", "sql": "SELECT CAST(note AS INTEGER) AS n FROM events"})),
+        201,
+    )
+    .await;
+    let failing = c
+        .expect(
+            call(M::POST, invalidations, invalidations).json(
+                &json!({"analysis": "note_numbers", "from": "2024-05-05", "to": "2024-05-06"}),
+            ),
+            202,
+        )
+        .await;
+    let failing_id = failing.json()["id"].as_str().unwrap().to_string();
+    invalidation_reaches(
+        &app,
+        &failing_id,
+        "failed",
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+    let retried = c
+        .expect(
+            call(
+                M::POST,
+                retry,
+                format!("/v1/invalidations/{failing_id}/retry"),
+            ),
+            202,
+        )
+        .await;
+    assert_eq!(retried.json()["partitions"], 1, "{}", retried.json());
+    let retried_id = retried.json()["id"].as_str().unwrap().to_string();
+    invalidation_reaches(
+        &app,
+        &retried_id,
+        "failed",
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+    c.expect(
+        call(
+            M::POST,
+            retry,
+            format!("/v1/invalidations/{eager_id}/retry"),
+        ),
+        409,
+    )
+    .await;
+
     c.expect(
         call(
             M::GET,

@@ -9,15 +9,17 @@
 //! current; the planner and the reconciler check it afterwards.
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::QueryBuilder;
+use uuid::Uuid;
 
 use scholia_events::analysis::InputSource;
+use scholia_events::envelope::format_time;
 use scholia_events::status::{ItemState, PRIORITY_LIVE};
 use scholia_events::store::{
-    AnnotationKey, Annotations, ChangedHour, Claim, Committed, InputRead, NewAnnotation,
-    StoredAnnotation,
+    AnnotationKey, Annotations, BUILDS_KEPT_DAYS, BUILDS_KEPT_PER_PARTITION, BuildRecord,
+    ChangedHour, Claim, Committed, InputRead, NewAnnotation, StoredAnnotation,
 };
 use scholia_events::{EventBody, NewEvent, PartitionKey, Result};
 
@@ -127,6 +129,82 @@ fn keys(rows: Vec<(String, String)>) -> Result<Vec<AnnotationKey>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Keep the build history bounded: of `analysis`' partition, the newest
+/// [`BUILDS_KEPT_PER_PARTITION`] builds; of the analysis, none older than
+/// [`BUILDS_KEPT_DAYS`]. Called with every build recorded, inside its transaction; both
+/// deletes are index range scans that find nothing almost every time.
+pub(crate) async fn prune_builds(tx: &mut WriteTx, analysis: &str, partition: &str) -> Result<()> {
+    sqlx::query::<Db>(
+        "DELETE FROM builds WHERE analysis = $1 AND partition = $2 AND finished_at < ( \
+           SELECT finished_at FROM builds WHERE analysis = $1 AND partition = $2 \
+           ORDER BY finished_at DESC LIMIT 1 OFFSET $3)",
+    )
+    .bind(analysis)
+    .bind(partition)
+    .bind(BUILDS_KEPT_PER_PARTITION - 1)
+    .execute(tx.conn())
+    .await
+    .ctx("pruning a partition's build history")?;
+    sqlx::query::<Db>("DELETE FROM builds WHERE analysis = $1 AND finished_at < $2")
+        .bind(analysis)
+        .bind(Timestamp(
+            Utc::now() - chrono::Duration::days(BUILDS_KEPT_DAYS),
+        ))
+        .execute(tx.conn())
+        .await
+        .ctx("pruning an analysis' build history")?;
+    Ok(())
+}
+
+type BuildRow = (
+    Uuid,
+    String,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i32,
+    String,
+    String,
+    Option<String>,
+    Timestamp,
+    Timestamp,
+);
+
+fn build_record(row: BuildRow) -> Result<BuildRecord> {
+    let (
+        id,
+        partition,
+        version,
+        generation,
+        rows_read,
+        rows_written,
+        duration_ms,
+        attempt,
+        worker,
+        outcome,
+        error,
+        started_at,
+        finished_at,
+    ) = row;
+    Ok(BuildRecord {
+        id,
+        partition: key(&partition)?,
+        version,
+        generation,
+        rows_read,
+        rows_written,
+        duration_ms,
+        attempt,
+        worker,
+        outcome,
+        error,
+        started_at: format_time(started_at.into()),
+        finished_at: format_time(finished_at.into()),
+    })
 }
 
 /// Partitions with a row in the build queue will be built anyway (or were given up on,
@@ -407,5 +485,102 @@ impl Annotations for Backend {
         .await
         .ctx("finding what was built from an input")?;
         keys(rows)
+    }
+    async fn builds(
+        &self,
+        analysis: &str,
+        partition: Option<&PartitionKey>,
+        limit: usize,
+    ) -> Result<Vec<BuildRecord>> {
+        let mut q = QueryBuilder::<Db>::new(
+            "SELECT build_id, partition, version, generation, rows_read, rows_written, duration_ms, \
+                    attempt, worker, outcome, error, started_at, finished_at \
+             FROM builds WHERE analysis = ",
+        );
+        q.push_bind(analysis);
+        if let Some(partition) = partition {
+            q.push(" AND partition = ");
+            q.push_bind(partition.to_string());
+        }
+        q.push(" ORDER BY finished_at DESC, build_id DESC LIMIT ");
+        q.push_bind(limit as i64);
+        let rows: Vec<BuildRow> = q
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading build history")?;
+        rows.into_iter().map(build_record).collect()
+    }
+
+    async fn row_counts(
+        &self,
+        analysis: &str,
+        first: &PartitionKey,
+        last: &PartitionKey,
+    ) -> Result<Vec<(PartitionKey, i64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as::<Db, (String, i64)>(
+            "SELECT partition, row_count FROM annotations \
+             WHERE analysis = $1 AND partition >= $2 AND partition <= $3 ORDER BY partition",
+        )
+        .bind(analysis)
+        .bind(first.to_string())
+        .bind(last.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .ctx("counting annotation rows")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (partition, rows) in rows {
+            let partition = key(&partition)?;
+            // Keys of another granularity (from before the analysis changed it) sort among
+            // these as text; they are not read.
+            if partition.granularity == first.granularity {
+                out.push((partition, rows));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn built(&self, analysis: &str, version: i64, limit: usize) -> Result<Vec<PartitionKey>> {
+        let rows: Vec<(String,)> = sqlx::query_as::<Db, (String,)>(
+            "SELECT partition FROM annotations WHERE analysis = $1 AND version = $2 \
+             ORDER BY partition DESC LIMIT $3",
+        )
+        .bind(analysis)
+        .bind(version)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing built partitions")?;
+        rows.into_iter().map(|(p,)| key(&p)).collect()
+    }
+
+    async fn workers_seen(&self, analyses: &[String], since: DateTime<Utc>) -> Result<Vec<String>> {
+        let mut seen: Vec<String> = sqlx::query_scalar::<Db, String>(
+            "SELECT DISTINCT lease_owner FROM partition_state \
+             WHERE state = 'running' AND lease_owner IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing running builds")?;
+        for chunk in analyses.chunks(MAX_BINDS - 8) {
+            let mut q =
+                QueryBuilder::<Db>::new("SELECT DISTINCT worker FROM builds WHERE finished_at >= ");
+            q.push_bind(Timestamp(since));
+            q.push(" AND analysis IN (");
+            let mut list = q.separated(", ");
+            for analysis in chunk {
+                list.push_bind(analysis);
+            }
+            q.push(")");
+            let rows: Vec<(String,)> = q
+                .build_query_as()
+                .fetch_all(&self.pool)
+                .await
+                .ctx("listing recent builds' workers")?;
+            seen.extend(rows.into_iter().map(|(w,)| w));
+        }
+        seen.sort();
+        seen.dedup();
+        Ok(seen)
     }
 }

@@ -171,7 +171,8 @@ pub(crate) async fn record_build(tx: &mut WriteTx, line: BuildLine<'_>) -> Resul
     .execute(tx.conn())
     .await
     .ctx("recording a build")?;
-    Ok(())
+    super::annotations::prune_builds(tx, &line.claim.analysis, &line.claim.partition.to_string())
+        .await
 }
 
 #[async_trait]
