@@ -1,7 +1,8 @@
 //! Builds the visualizer page's assets into `$OUT_DIR/web/`, where `src/page.rs`
 //! embeds them (`include_bytes!`), so that the binary serves the page offline.
 //!
-//! The page itself (`web/index.html`, `web/app.js`, `web/style.css`) is hand-written;
+//! The page (`web/index.html`, `web/app.js`, `web/style.css`) and the operators' console
+//! (`web/admin.html`, `web/admin.js`, `web/admin.css`) are hand-written;
 //! the chart library, uPlot, comes from the npm registry through `web/package.json`
 //! and its lockfile. When it is not installed (or the lockfile is newer than the
 //! installed tree), this script runs `npm ci` in `web/`. Only std: no build-dependencies.
@@ -13,15 +14,25 @@ use std::path::{Path, PathBuf};
 use std::process::{self, Command};
 use std::time::SystemTime;
 
-/// Hand-written page files, copied as they are.
-const PAGE_FILES: [&str; 3] = ["index.html", "app.js", "style.css"];
+/// Hand-written files of the page and of the console, copied as they are.
+const PAGE_FILES: [&str; 6] = [
+    "index.html",
+    "app.js",
+    "style.css",
+    "admin.html",
+    "admin.js",
+    "admin.css",
+];
 /// Files of the uPlot package, copied from `web/node_modules/uplot/dist/`.
 const UPLOT_FILES: [&str; 2] = ["uPlot.iife.min.js", "uPlot.min.css"];
 /// Inputs that make cargo run this script again.
-const WATCHED: [&str; 5] = [
+const WATCHED: [&str; 8] = [
     "web/index.html",
     "web/app.js",
     "web/style.css",
+    "web/admin.html",
+    "web/admin.js",
+    "web/admin.css",
     "web/package.json",
     "web/package-lock.json",
 ];

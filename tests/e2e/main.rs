@@ -12,6 +12,7 @@ mod analyses;
 mod auth;
 mod browser;
 mod candidates;
+mod console;
 mod durability;
 mod graph;
 mod hostile;

@@ -1,10 +1,12 @@
-//! The visualizer's web page: `GET /` and its assets under `/assets/`; and the
-//! visualizer's part of the OpenAPI document ([`openapi`]), the websocket's included.
+//! The visualizer's web pages: the analysts' page at `GET /`, the operators' console at
+//! `GET /admin`, and their assets under `/assets/`; and the visualizer's part of the
+//! OpenAPI document ([`openapi`]), the websocket's included.
 //!
 //! `build.rs` copies the hand-written page (`web/index.html`, `web/app.js`,
-//! `web/style.css`) and uPlot (installed from the npm registry through
-//! `web/package-lock.json`) into `$OUT_DIR/web/`; they are embedded here, so the
-//! binary serves the page with no network and no files beside it.
+//! `web/style.css`), the console (`web/admin.html`, `web/admin.js`, `web/admin.css`) and
+//! uPlot (installed from the npm registry through `web/package-lock.json`) into
+//! `$OUT_DIR/web/`; they are embedded here, so the binary serves both with no network
+//! and no files beside it.
 
 use axum::Router;
 use axum::http::{HeaderName, HeaderValue, header};
@@ -23,13 +25,16 @@ const APP_JS: &[u8] = web_asset!("app.js");
 const STYLE_CSS: &[u8] = web_asset!("style.css");
 const UPLOT_JS: &[u8] = web_asset!("uPlot.iife.min.js");
 const UPLOT_CSS: &[u8] = web_asset!("uPlot.min.css");
+const ADMIN_HTML: &[u8] = web_asset!("admin.html");
+const ADMIN_JS: &[u8] = web_asset!("admin.js");
+const ADMIN_CSS: &[u8] = web_asset!("admin.css");
 
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
 
-/// The page loads only its own assets and talks only to its own origin
-/// (the HTTP API and the websocket); uPlot sets inline styles on its elements.
+/// The page and the console load only their own assets and talk only to their own
+/// origin (the HTTP API and the websocket); uPlot sets inline styles on its elements.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
                    img-src 'self' data:; connect-src 'self' ws: wss:; object-src 'none'; \
                    base-uri 'none'; form-action 'self'; frame-ancestors 'self'";
@@ -48,10 +53,20 @@ fn asset(body: &'static [u8], content_type: &'static str) -> Response {
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::hub::upgrade, index, app_js, style_css, uplot_js, uplot_css),
+    paths(
+        crate::hub::upgrade,
+        index,
+        app_js,
+        style_css,
+        uplot_js,
+        uplot_css,
+        admin,
+        admin_js,
+        admin_css
+    ),
     tags(
         (name = "live", description = "The websocket that feeds live charts (the protocol is in SPEC §6)."),
-        (name = "page", description = "The visualizer's web page and its assets, served from the binary.")
+        (name = "page", description = "The visualizer's web page, the operators' console, and their assets, served from the binary.")
     )
 )]
 struct VisualizerDoc;
@@ -71,7 +86,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     responses((status = 200, description = "The page.", body = String, content_type = "text/html"))
 )]
 async fn index() -> Response {
-    let mut response = asset(INDEX_HTML, HTML);
+    html_page(INDEX_HTML)
+}
+
+/// An HTML page, with the headers that keep it to its own origin.
+fn html_page(body: &'static [u8]) -> Response {
+    let mut response = asset(body, HTML);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -129,11 +149,51 @@ async fn uplot_css() -> Response {
     asset(UPLOT_CSS, CSS)
 }
 
-/// Routes of the page: `GET /` and `GET /assets/{app.js, style.css, uPlot.iife.min.js,
-/// uPlot.min.css}` (HEAD too), each with its content type and `Cache-Control: no-cache`.
+/// The operators' console.
+///
+/// It asks for an admin token (or takes one as `?token=`, which it drops from the address
+/// bar and never sends elsewhere) and then uses the HTTP API and the websocket.
+#[utoipa::path(
+    get,
+    path = "/admin",
+    tag = "page",
+    responses((status = 200, description = "The console.", body = String, content_type = "text/html"))
+)]
+async fn admin() -> Response {
+    html_page(ADMIN_HTML)
+}
+
+/// The console's script.
+#[utoipa::path(
+    get,
+    path = "/assets/admin.js",
+    tag = "page",
+    responses((status = 200, description = "The console's script.", body = String, content_type = "text/javascript"))
+)]
+async fn admin_js() -> Response {
+    asset(ADMIN_JS, JS)
+}
+
+/// The console's style sheet.
+#[utoipa::path(
+    get,
+    path = "/assets/admin.css",
+    tag = "page",
+    responses((status = 200, description = "The console's style sheet.", body = String, content_type = "text/css"))
+)]
+async fn admin_css() -> Response {
+    asset(ADMIN_CSS, CSS)
+}
+
+/// Routes of the page and the console: `GET /`, `GET /admin` and `GET /assets/{app.js,
+/// style.css, uPlot.iife.min.js, uPlot.min.css, admin.js, admin.css}` (HEAD too), each
+/// with its content type and `Cache-Control: no-cache`.
 pub fn router() -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/admin", get(admin))
+        .route("/assets/admin.js", get(admin_js))
+        .route("/assets/admin.css", get(admin_css))
         .route("/assets/app.js", get(app_js))
         .route("/assets/style.css", get(style_css))
         .route("/assets/uPlot.iife.min.js", get(uplot_js))
@@ -166,6 +226,24 @@ mod tests {
         }
         // Works offline: nothing is loaded from another origin.
         assert!(!contains(INDEX_HTML, "http://") && !contains(INDEX_HTML, "https://"));
+    }
+
+    #[test]
+    fn the_console_references_its_assets_and_nothing_outside() {
+        for asset in ["assets/admin.js", "assets/admin.css"] {
+            assert!(
+                contains(ADMIN_HTML, asset),
+                "admin.html does not load {asset}"
+            );
+        }
+        for page in [ADMIN_HTML, ADMIN_JS, ADMIN_CSS] {
+            assert!(!contains(page, "http://") && !contains(page, "https://"));
+        }
+        // It talks to the API with a bearer token and to the websocket with `?token=`.
+        assert!(contains(ADMIN_JS, "Authorization"));
+        assert!(contains(ADMIN_JS, "searchParams.set('token'"));
+        assert!(contains(ADMIN_JS, "dry_run: true"));
+        assert!(contains(ADMIN_CSS, "[data-status=\"failed\"]"));
     }
 
     #[test]
@@ -222,6 +300,17 @@ mod tests {
                 "uPlot",
             ),
             ("/assets/uPlot.min.css", "text/css; charset=utf-8", ".uplot"),
+            ("/admin", "text/html; charset=utf-8", "assets/admin.js"),
+            (
+                "/assets/admin.js",
+                "text/javascript; charset=utf-8",
+                "subscribe",
+            ),
+            (
+                "/assets/admin.css",
+                "text/css; charset=utf-8",
+                "data-status",
+            ),
         ] {
             let response = get_raw(addr, path).await;
             let lower = response.to_ascii_lowercase();
@@ -240,6 +329,15 @@ mod tests {
             );
             assert!(response.contains(marker), "{path}: body lacks {marker}");
         }
+        let console = get_raw(addr, "/admin").await.to_ascii_lowercase();
+        assert!(
+            console.contains("content-security-policy: default-src 'self'"),
+            "{console}"
+        );
+        assert!(
+            console.contains("referrer-policy: no-referrer"),
+            "{console}"
+        );
         let missing = get_raw(addr, "/assets/nope.js").await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         server.abort();
