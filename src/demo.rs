@@ -121,6 +121,7 @@ pub(crate) async fn start(
     let producer = create(Scope::Ingest, "demo producers").await?;
     let address = app.address();
     println!("Open the live charts: http://{address}/?token={admin}&analysis=daily_avg");
+    println!("The operators' console: http://{address}/admin?token={admin}");
     println!("Read-only token: {read}");
     let base = format!("http://{address}");
     core.supervisor

@@ -131,6 +131,7 @@ pub async fn diff(
     live: &AnalysisMeta,
     candidate: &AnalysisMeta,
     keys: &[PartitionKey],
+    declared_key: Option<&[String]>,
 ) -> Result<Vec<PartitionDiff>> {
     let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
         return Ok(Vec::new());
@@ -163,11 +164,27 @@ pub async fn diff(
             Some(a) => (a.columns.clone(), rows_of(a)?),
             None => (Vec::new(), Vec::new()),
         };
+        if let Some(missing) = declared_key
+            .into_iter()
+            .flatten()
+            .find(|k| !candidate_one.columns.iter().any(|c| &c.name == *k))
+        {
+            let columns: Vec<&str> = candidate_one
+                .columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect();
+            return Err(Error::Invalid(format!(
+                "The key column {missing} is not a column of the candidate's annotations of {key}, which has {}; name columns it has, or leave key out to match rows on their non-measure columns.",
+                columns.join(", ")
+            )));
+        }
         let compared = compare(
             &live_columns,
             live_rows,
             &candidate_one.columns,
             rows_of(candidate_one)?,
+            declared_key,
         );
         out.push(PartitionDiff {
             partition: *key,
@@ -239,8 +256,12 @@ fn compare(
     live_rows: Vec<Map<String, Value>>,
     candidate_columns: &[ColumnSpec],
     candidate_rows: Vec<Map<String, Value>>,
+    key: Option<&[String]>,
 ) -> PartitionDiff {
-    let keys = key_columns(live_columns, candidate_columns);
+    let keys = match key {
+        Some(declared) => declared.to_vec(),
+        None => key_columns(live_columns, candidate_columns),
+    };
     let key_of = |row: &Map<String, Value>| -> (String, Value) {
         let key: Map<String, Value> = keys
             .iter()
@@ -363,6 +384,7 @@ mod tests {
             rows(
                 json!([{"source": "a", "avg": 1.0}, {"source": "b", "avg": 2.5}, {"source": "d", "avg": 4.0}]),
             ),
+            None,
         );
         assert_eq!(diff.key_columns, ["source"]);
         assert_eq!((diff.added, diff.removed, diff.changed), (1, 1, 1));
@@ -386,6 +408,7 @@ mod tests {
             rows(json!([{"source": "a", "avg": 0.1 + 0.2}])),
             &candidate,
             rows(json!([{"source": "a", "avg": 0.3, "n": 2}])),
+            None,
         );
         assert_eq!(diff.key_columns, ["source"]);
         assert_eq!(diff.changed, 1);
@@ -396,8 +419,35 @@ mod tests {
     fn at_most_a_hundred_rows_are_shown_but_all_are_counted() {
         let spec = columns(&[("i", ColumnType::Int)]);
         let many: Vec<Value> = (0..250).map(|i| json!({"i": i})).collect();
-        let diff = compare(&spec, Vec::new(), &spec, rows(Value::Array(many)));
+        let diff = compare(&spec, Vec::new(), &spec, rows(Value::Array(many)), None);
         assert_eq!(diff.added, 250);
         assert_eq!(diff.rows.added.len(), MAX_DIFF_ROWS);
+    }
+
+    #[test]
+    fn a_declared_key_matches_rows_whose_other_key_typed_columns_changed() {
+        let spec = columns(&[
+            ("source", ColumnType::String),
+            ("avg", ColumnType::Float),
+            ("high", ColumnType::Bool),
+        ]);
+        let live = rows(json!([{"source": "a", "avg": 280.0, "high": false}]));
+        let candidate = rows(json!([{"source": "a", "avg": 280.0, "high": true}]));
+        // Matched on every non-float column, the flag's change is a row removed and added.
+        let inferred = compare(&spec, live.clone(), &spec, candidate.clone(), None);
+        assert_eq!(inferred.key_columns, ["source", "high"]);
+        assert_eq!(
+            (inferred.added, inferred.removed, inferred.changed),
+            (1, 1, 0)
+        );
+        // Matched on the declared key, it is one row changed in `high`.
+        let key = ["source".to_string()];
+        let declared = compare(&spec, live, &spec, candidate, Some(&key));
+        assert_eq!(declared.key_columns, ["source"]);
+        assert_eq!(
+            (declared.added, declared.removed, declared.changed),
+            (0, 0, 1)
+        );
+        assert_eq!(declared.changed_columns, ["high"]);
     }
 }

@@ -12,7 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::path::{Parameter, ParameterIn};
+use utoipa::openapi::Required;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
@@ -641,6 +642,7 @@ async fn build_candidate(
 struct DiffQuery {
     from: Option<String>,
     to: Option<String>,
+    key: Option<String>,
 }
 
 /// Written out: `from` and `to` are read as text but are dates or times.
@@ -650,6 +652,20 @@ impl IntoParams for DiffQuery {
         vec![
             instant_parameter("from", "The start of the range (inclusive)."),
             instant_parameter("to", "The end of the range (exclusive)."),
+            ParameterBuilder::new()
+                .name("key")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some(
+                    "The columns that identify a row, comma-separated (e.g. `source,region`); without it rows are matched on their non-measure columns.",
+                ))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some(r"^[^,]+(,[^,]+)*$"))
+                        .max_length(Some(1000)),
+                ))
+                .build(),
         ]
     }
 }
@@ -665,8 +681,9 @@ struct CandidateDiff {
 
 /// The candidate's annotations against the live ones, per partition.
 ///
-/// Rows are matched on their non-measure columns (strings, integers, booleans, dates and
-/// times; floats are measures), and sorted into added, removed and changed, with the
+/// Rows are matched on the columns named in `key`, or else on their non-measure columns
+/// (strings, integers, booleans, dates and times; floats are measures), and sorted into
+/// added, removed and changed, with the
 /// columns that changed; at most 100 rows of each list per partition are shown, the counts
 /// are whole. At most 1,000 partitions at a time.
 #[utoipa::path(
@@ -700,13 +717,32 @@ async fn diff_candidate(
         .partitions_between(from, to, candidate::MAX_DIFF_PARTITIONS)
         .map_err(|e| ApiError::invalid(scholia_http::sentence(&e)))?;
     let store = &state.cache.core().store;
-    let partitions = candidate::diff(store, &live, &stored.meta, &keys).await?;
+    let declared_key = query.key.as_deref().map(diff_key).transpose()?;
+    let partitions =
+        candidate::diff(store, &live, &stored.meta, &keys, declared_key.as_deref()).await?;
     Ok(Json(CandidateDiff {
         analysis: name,
         live_version: live.version,
         candidate_version: stored.meta.version,
         partitions,
     }))
+}
+
+/// The columns of a diff's `key`: comma-separated names, none empty (one named twice
+/// counts once).
+fn diff_key(text: &str) -> ApiResult<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for name in text.split(',') {
+        if name.is_empty() || text.len() > 1000 {
+            return Err(ApiError::invalid(
+                "key must name the columns that identify a row, comma-separated, as in key=source,region.",
+            ));
+        }
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    Ok(names)
 }
 
 #[derive(Serialize, ToSchema)]

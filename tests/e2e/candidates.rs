@@ -305,6 +305,38 @@ both_backends!(
         );
         assert!((c - 2.0 * l).abs() < 1e-9, "{changed}");
 
+        // Matched on a key the caller names: the count `n` no longer takes part, so the
+        // same rows pair up; a column the annotations lack is refused, by name.
+        let (status, keyed) = app
+            .get(
+                "/v1/analyses/station_stats/candidate/diff?from=2024-04-02&to=2024-04-03&key=source",
+                ADMIN,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{keyed}");
+        let keyed_day = &keyed["partitions"][0];
+        assert_eq!(keyed_day["key_columns"], json!(["source"]), "{keyed}");
+        assert_eq!(
+            (
+                &keyed_day["added"],
+                &keyed_day["removed"],
+                &keyed_day["changed"]
+            ),
+            (&json!(0), &json!(1), &json!(2)),
+            "{keyed}"
+        );
+        let (status, refused) = app
+            .get(
+                "/v1/analyses/station_stats/candidate/diff?from=2024-04-02&to=2024-04-03&key=source,station",
+                ADMIN,
+            )
+            .await;
+        assert!(status.is_client_error(), "{status}: {refused}");
+        assert!(
+            refused["detail"].as_str().unwrap().contains("station"),
+            "{refused}"
+        );
+
         // Promote: the built partitions go live as they are, the others are stale.
         let head = log_head(&app).await;
         let (status, promoted) = app
