@@ -326,15 +326,18 @@ impl Outbox {
         self.queue.lock().expect("outbox lock").is_empty()
     }
 
-    /// The next frame, waiting for one.
-    async fn next(&self) -> Frame {
+    /// Up to `max` frames, waiting for at least one: a writer that fell behind sends what
+    /// piled up in one write.
+    async fn next_batch(&self, max: usize, into: &mut Vec<Frame>) {
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);
             {
                 let mut queue = self.queue.lock().expect("outbox lock");
-                let was_full = queue.len() >= self.capacity;
-                if let Some(frame) = queue.pop_front() {
+                if !queue.is_empty() {
+                    let was_full = queue.len() >= self.capacity;
+                    let n = queue.len().min(max);
+                    into.extend(queue.drain(..n));
                     if queue.is_empty() && queue.capacity() > 16 {
                         queue.shrink_to(4);
                     }
@@ -343,11 +346,19 @@ impl Outbox {
                     if was_full {
                         self.space.notify_waiters();
                     }
-                    return frame;
+                    return;
                 }
             }
             ready.await;
         }
+    }
+
+    /// The next frame, waiting for one.
+    #[cfg(test)]
+    async fn next(&self) -> Frame {
+        let mut one = Vec::with_capacity(1);
+        self.next_batch(1, &mut one).await;
+        one.pop().expect("next_batch gives at least one frame")
     }
 }
 
@@ -359,13 +370,15 @@ pub(crate) async fn write_out<W: AsyncWrite + Unpin>(
     timeout: std::time::Duration,
     mut after_each: impl FnMut(),
 ) {
+    let mut frames = Vec::with_capacity(WRITE_BATCH);
     loop {
-        let frame = outbox.next().await;
-        let written = tokio::time::timeout(timeout, write_frame(io, frame.opcode, &frame.payload));
+        frames.clear();
+        outbox.next_batch(WRITE_BATCH, &mut frames).await;
+        let written = tokio::time::timeout(timeout, write_frames(io, &frames));
         if !matches!(written.await, Ok(Ok(()))) {
             break;
         }
-        if frame.opcode == CLOSE {
+        if frames.iter().any(|f| f.opcode == CLOSE) {
             break;
         }
         if outbox.is_empty() {
@@ -379,15 +392,37 @@ pub(crate) async fn write_out<W: AsyncWrite + Unpin>(
     outbox.done.notify_waiters();
 }
 
-/// One unmasked, final frame: its header and payload in one vectored write.
-async fn write_frame<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    opcode: u8,
-    payload: &[u8],
-) -> std::io::Result<()> {
+/// The most frames one write sends.
+const WRITE_BATCH: usize = 16;
+
+/// Unmasked, final frames, their headers and payloads in one vectored write (or as few as
+/// the connection takes).
+async fn write_frames<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Frame]) -> std::io::Result<()> {
+    let heads: Vec<([u8; 10], usize)> = frames
+        .iter()
+        .map(|f| frame_head(f.opcode, f.payload.len()))
+        .collect();
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.len() * 2);
+    for (frame, (head, len)) in frames.iter().zip(&heads) {
+        slices.push(IoSlice::new(&head[..*len]));
+        slices.push(IoSlice::new(&frame.payload));
+    }
+    let mut rest = &mut slices[..];
+    while rest.iter().any(|s| !s.is_empty()) {
+        let written = io.write_vectored(rest).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
+    }
+    io.flush().await
+}
+
+/// A frame's header: final, unmasked, and its length; the bytes and how many are used.
+fn frame_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
     let mut head = [0u8; 10];
     head[0] = 0x80 | opcode;
-    let head_len = match payload.len() {
+    let used = match len {
         n @ 0..=125 => {
             head[1] = n as u8;
             2
@@ -403,24 +438,68 @@ async fn write_frame<W: AsyncWrite + Unpin>(
             10
         }
     };
-    let (mut head, mut body) = (&head[..head_len], payload);
-    while !head.is_empty() || !body.is_empty() {
-        let written = io
-            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
-            .await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let from_head = written.min(head.len());
-        head = &head[from_head..];
-        body = &body[written - from_head..];
-    }
-    io.flush().await
+    (head, used)
+}
+
+/// One unmasked, final frame.
+#[cfg(test)]
+async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    opcode: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let frame = Frame {
+        opcode,
+        payload: Bytes::copy_from_slice(payload),
+    };
+    write_frames(io, std::slice::from_ref(&frame)).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server's frames in `bytes`, as (opcode, payload).
+    fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            assert_eq!(bytes[0] & 0x80, 0x80, "final");
+            assert_eq!(bytes[1] & 0x80, 0, "unmasked");
+            let (len, at) = match bytes[1] & 0x7f {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            out.push((bytes[0] & 0x0f, bytes[at..at + len].to_vec()));
+            bytes = &bytes[at + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn frames_that_piled_up_go_out_in_one_write_each_whole() {
+        let outbox = Outbox::new(8);
+        let sizes = [5usize, 300, 70_000];
+        for (i, n) in sizes.iter().enumerate() {
+            assert!(outbox.offer(Bytes::from(vec![b'a' + i as u8; *n])));
+        }
+        let mut frames = Vec::new();
+        outbox.next_batch(WRITE_BATCH, &mut frames).await;
+        assert_eq!(frames.len(), 3, "all three at once");
+        assert!(outbox.is_empty());
+        let mut wire: Vec<u8> = Vec::new();
+        write_frames(&mut wire, &frames).await.unwrap();
+        let read = server_frames(&wire);
+        assert_eq!(read.len(), 3);
+        for (i, ((opcode, payload), n)) in read.iter().zip(sizes).enumerate() {
+            assert_eq!(*opcode, TEXT);
+            assert_eq!(payload.len(), n);
+            assert!(payload.iter().all(|b| *b == b'a' + i as u8));
+        }
+    }
 
     /// A client frame: masked, as clients must send.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
