@@ -1353,19 +1353,25 @@
       if (cancelled) parts.push(`${fmtInt(cancelled)} cancelled`);
       foot.append(el('span', 'inv-counts', parts.join(' · ')), el('span', 'muted small', fmtTime(inv.created_at)));
       const buttons = el('span', 'push row-actions');
-      if (ACTIVE_INVALIDATION.has(inv.state)) {
-        const b = el('button', 'small danger', 'Cancel');
-        b.type = 'button';
-        b.dataset.action = 'cancel';
-        b.dataset.id = inv.id;
+      // A button already on the page is moved into the new row, not drawn anew: a click
+      // that lands while progress redraws the list must reach the button it began on.
+      const button = (action, cls, label) => {
+        const old = [...els.invalidations.querySelectorAll(`button[data-action="${action}"]`)]
+          .find((b) => b.dataset.id === inv.id);
+        const b = old || el('button', cls, label);
+        if (!old) {
+          b.type = 'button';
+          b.dataset.action = action;
+          b.dataset.id = inv.id;
+        } else if (!b.classList.contains('armed')) {
+          b.textContent = label;
+        }
+        b.dataset.label = label;
         buttons.append(b);
-      }
+      };
+      if (ACTIVE_INVALIDATION.has(inv.state)) button('cancel', 'small danger', 'Cancel');
       if (failed > 0 && !ACTIVE_INVALIDATION.has(inv.state)) {
-        const b = el('button', 'small', `Retry ${plural(failed, 'failed partition')}`);
-        b.type = 'button';
-        b.dataset.action = 'retry';
-        b.dataset.id = inv.id;
-        buttons.append(b);
+        button('retry', 'small', `Retry ${plural(failed, 'failed partition')}`);
       }
       foot.append(buttons);
       li.append(foot);
