@@ -591,7 +591,7 @@ mod tests {
     fn the_accept_key_is_rfc_6455s_example() {
         assert_eq!(
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaqKC5IOMYzxo+xYzo="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 
