@@ -696,10 +696,10 @@ pub(crate) fn router(hub: Hub) -> Router {
     tag = "live",
     security(("bearer" = []), ("query_token" = [])),
     params(
-        ("Connection" = String, Header, pattern = "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]", description = "Must include `Upgrade`."),
+        ("Connection" = String, Header, pattern = "^([ -~]*,)?[ \\t]*[Uu][Pp][Gg][Rr][Aa][Dd][Ee][ \\t]*(,[ -~]*)?$", description = "Must include `Upgrade` (a comma-separated list)."),
         ("Upgrade" = String, Header, pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$", description = "`websocket`."),
         ("Sec-WebSocket-Version" = String, Header, pattern = "^13$", description = "`13`."),
-        ("Sec-WebSocket-Key" = String, Header, description = "The client's nonce (RFC 6455).")
+        ("Sec-WebSocket-Key" = String, Header, pattern = "^[A-Za-z0-9+/]{22}==$", description = "The client's nonce: 16 bytes in base64 (RFC 6455).")
     ),
     responses(
         (status = 101, description = "Switched to the websocket protocol."),

@@ -72,11 +72,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
         }
         let key = headers
             .get(header::SEC_WEBSOCKET_KEY)
-            .filter(|key| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(key.as_bytes())
-                    .is_ok_and(|nonce| nonce.len() == 16)
-            })
+            .filter(|key| is_nonce(key.as_bytes()))
             .ok_or_else(refuse)?;
         let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(refuse)?;
         Ok(Handshake {
@@ -84,6 +80,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
             on_upgrade,
         })
     }
+}
+
+/// Whether `key` is 16 bytes in base64, as RFC 6455 asks of `Sec-WebSocket-Key`: 22
+/// characters of the alphabet and `==` (whatever the last character's unused bits are).
+fn is_nonce(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 fn accept_key(key: &[u8]) -> HeaderValue {
@@ -584,6 +590,20 @@ mod tests {
             assert_eq!(out.len(), head + len);
             assert_eq!(out[0], 0x81);
             assert_eq!(&out[head..], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn a_nonce_is_sixteen_bytes_in_base64() {
+        assert!(is_nonce(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        // Unused bits set in the last character: still 16 bytes.
+        assert!(is_nonce(b"AAAAAAAAAAAAAAAAAAAAAB=="));
+        for bad in [
+            &b"dGhlIHNhbXBsZSBub25jZQ="[..],
+            b"dGhlIHNhbXBsZSBub25jZQ=x",
+            b"dGhlIHNhbXBsZSBub25jZ-==",
+        ] {
+            assert!(!is_nonce(bad), "{}", String::from_utf8_lossy(bad));
         }
     }
 
