@@ -33,10 +33,11 @@ impl PgStore {
         sink: &mut dyn RecordSink,
     ) -> Result<Summary> {
         let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await
-            .ctx("beginning a read")?;
+            .begin_with(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                "beginning a read",
+            )
+            .await?;
         let summary = span_summary(&mut tx, kind, from, to).await?;
         if summary.rows == 0 || summary.max_seq <= after {
             tx.commit().await.ctx("ending a read")?;

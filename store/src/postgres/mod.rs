@@ -85,7 +85,7 @@ impl PgStore {
 
     /// A transaction that does not append to the log.
     pub(crate) async fn begin(&self) -> Result<WriteTx> {
-        let tx = self.pool.begin().await.ctx("beginning a transaction")?;
+        let tx = self.begin_with("BEGIN", "beginning a transaction").await?;
         Ok(WriteTx {
             tx,
             logged: false,
@@ -93,6 +93,24 @@ impl PgStore {
             log_commits: self.log_commits.clone(),
             work_commits: self.work_commits.clone(),
         })
+    }
+
+    /// A transaction begun with `statement`, in a task of its own so that a caller dropped
+    /// meanwhile (a producer that hung up) cannot leave it half begun: sqlx 0.9.0 counts a
+    /// transaction only once `BEGIN` is answered, and a `begin` cancelled before that
+    /// returns its connection to the pool inside a transaction nobody ends, where the next
+    /// borrower's writes would never commit. Finished in its own task, an abandoned
+    /// transaction is dropped whole, and so rolled back.
+    pub(crate) async fn begin_with(
+        &self,
+        statement: &'static str,
+        what: &'static str,
+    ) -> Result<Transaction<'static, Postgres>> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move { pool.begin_with(statement).await })
+            .await
+            .map_err(|e| Error::internal("beginning a transaction", e))?
+            .ctx(what)
     }
 
     fn watch_channel(&self, channel: &'static str, local: &watch::Sender<u64>) -> PgWatch {
@@ -238,5 +256,84 @@ impl PgStore {
             .await
             .ctx("taking the relay lock")?;
         Ok(got.then(|| Box::new(PgLeadership { conn }) as Box<dyn Leadership>))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's URL for tests (`SCHOLIA_TEST_DATABASE_URL`), or None to skip.
+    fn server() -> Option<String> {
+        match std::env::var("SCHOLIA_TEST_DATABASE_URL") {
+            Ok(url) => Some(url),
+            Err(_) if std::env::var_os("SCHOLIA_REQUIRE_SERVICES").is_some() => {
+                panic!("set SCHOLIA_TEST_DATABASE_URL (SCHOLIA_REQUIRE_SERVICES is set)")
+            }
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transaction_abandoned_while_it_begins_leaves_no_connection_inside_it() {
+        let Some(server) = server() else { return };
+        let name = format!("scholia_store_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPool::connect(&server)
+            .await
+            .expect("connecting to the server");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        let url = format!("{}/{name}", server.rsplit_once('/').expect("a URL").0);
+        let store = PgStore::connect(&url).await.expect("connecting the store");
+        let other = PgPool::connect(&url).await.expect("a second pool");
+        sqlx::query("CREATE TABLE seen (x int)")
+            .execute(&store.pool)
+            .await
+            .expect("creating a table");
+
+        // Begins dropped before they finish, as a request handler is dropped when its
+        // producer hangs up (after a varying number of polls, so that some drops land
+        // between the BEGIN going out and its answer coming back). After each, a
+        // single-statement write through the pool, as a lease's heartbeat is, must be
+        // committed: seen from another connection.
+        let mut unseen = 0;
+        for i in 0..400 {
+            {
+                let mut begin = std::pin::pin!(store.begin());
+                for _ in 0..=(i % 40) {
+                    if futures::poll!(begin.as_mut()).is_ready() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            sqlx::query("INSERT INTO seen VALUES ($1)")
+                .bind(i)
+                .execute(&store.pool)
+                .await
+                .expect("writing");
+            let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen WHERE x = $1")
+                .bind(i)
+                .fetch_one(&other)
+                .await
+                .expect("reading");
+            if seen == 0 {
+                unseen += 1;
+            }
+        }
+        store.pool.close().await;
+        other.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await
+        .expect("dropping the test database");
+        assert_eq!(
+            unseen, 0,
+            "writes that went into a transaction an abandoned begin left open"
+        );
     }
 }
