@@ -1,11 +1,10 @@
-//! Builds the visualizer page's assets into `$OUT_DIR/web/`, where `src/page.rs`
-//! embeds them (`include_bytes!`), so that the binary serves the page offline.
+//! Copies the chart library the page embeds, uPlot, into `$OUT_DIR/web/`, where
+//! `src/page.rs` embeds it (`include_bytes!`), so that the binary serves the page offline.
+//! (The hand-written page and console files in `web/` are embedded from there directly.)
 //!
-//! The page (`web/index.html`, `web/app.js`, `web/style.css`) and the operators' console
-//! (`web/admin.html`, `web/admin.js`, `web/admin.css`) are hand-written;
-//! the chart library, uPlot, comes from the npm registry through `web/package.json`
-//! and its lockfile. When it is not installed (or the lockfile is newer than the
-//! installed tree), this script runs `npm ci` in `web/`. Only std: no build-dependencies.
+//! uPlot comes from the npm registry through `web/package.json` and its lockfile. When it
+//! is not installed (or the lockfile is newer than the installed tree), this script runs
+//! `npm ci` in `web/`. Only std: no build-dependencies.
 
 use std::env;
 use std::fs;
@@ -14,28 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{self, Command};
 use std::time::SystemTime;
 
-/// Hand-written files of the page and of the console, copied as they are.
-const PAGE_FILES: [&str; 6] = [
-    "index.html",
-    "app.js",
-    "style.css",
-    "admin.html",
-    "admin.js",
-    "admin.css",
-];
 /// Files of the uPlot package, copied from `web/node_modules/uplot/dist/`.
 const UPLOT_FILES: [&str; 2] = ["uPlot.iife.min.js", "uPlot.min.css"];
 /// Inputs that make cargo run this script again.
-const WATCHED: [&str; 8] = [
-    "web/index.html",
-    "web/app.js",
-    "web/style.css",
-    "web/admin.html",
-    "web/admin.js",
-    "web/admin.css",
-    "web/package.json",
-    "web/package-lock.json",
-];
+const WATCHED: [&str; 2] = ["web/package.json", "web/package-lock.json"];
 
 fn main() {
     for path in WATCHED {
@@ -62,9 +43,6 @@ fn main() {
 
     if let Err(e) = fs::create_dir_all(&out) {
         fail(&format!("cannot create {}: {e}", out.display()));
-    }
-    for name in PAGE_FILES {
-        copy(&web.join(name), &out.join(name));
     }
     for name in UPLOT_FILES {
         copy(&dist.join(name), &out.join(name));

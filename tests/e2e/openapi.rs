@@ -554,6 +554,8 @@ async fn every_answer_is_what_the_openapi_document_says() {
         ("/admin", "/admin"),
         ("/assets/admin.js", "/assets/admin.js"),
         ("/assets/admin.css", "/assets/admin.css"),
+        ("/assets/common.js", "/assets/common.js"),
+        ("/assets/common.css", "/assets/common.css"),
     ] {
         c.expect(call(M::GET, template, path).token(None), 200)
             .await;

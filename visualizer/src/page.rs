@@ -2,11 +2,11 @@
 //! `GET /admin`, and their assets under `/assets/`; and the visualizer's part of the
 //! OpenAPI document ([`openapi`]), the websocket's included.
 //!
-//! `build.rs` copies the hand-written page (`web/index.html`, `web/app.js`,
-//! `web/style.css`), the console (`web/admin.html`, `web/admin.js`, `web/admin.css`) and
-//! uPlot (installed from the npm registry through `web/package-lock.json`) into
-//! `$OUT_DIR/web/`; they are embedded here, so the binary serves both with no network
-//! and no files beside it.
+//! The hand-written page (`web/index.html`, `web/app.js`, `web/style.css`), the console
+//! (`web/admin.html`, `web/admin.js`, `web/admin.css`) and what they share
+//! (`web/common.js`, `web/common.css`) are embedded from `web/`; uPlot, installed from the
+//! npm registry through `web/package-lock.json`, from `$OUT_DIR/web/`, where `build.rs`
+//! copies it. So the binary serves both with no network and no files beside it.
 
 use axum::Router;
 use axum::http::{HeaderName, HeaderValue, header};
@@ -14,24 +14,32 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use utoipa::OpenApi;
 
-macro_rules! web_asset {
+/// A hand-written file of `web/`.
+macro_rules! web_file {
+    ($file:literal) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/web/", $file))
+    };
+}
+
+/// A file of the uPlot package, which `build.rs` copies into `$OUT_DIR/web/`.
+macro_rules! uplot_file {
     ($file:literal) => {
         include_bytes!(concat!(env!("OUT_DIR"), "/web/", $file))
     };
 }
 
-const INDEX_HTML: &[u8] = web_asset!("index.html");
-const APP_JS: &[u8] = web_asset!("app.js");
-const STYLE_CSS: &[u8] = web_asset!("style.css");
-const UPLOT_JS: &[u8] = web_asset!("uPlot.iife.min.js");
-const UPLOT_CSS: &[u8] = web_asset!("uPlot.min.css");
-const ADMIN_HTML: &[u8] = web_asset!("admin.html");
-const ADMIN_JS: &[u8] = web_asset!("admin.js");
-const ADMIN_CSS: &[u8] = web_asset!("admin.css");
+const INDEX_HTML: &[u8] = web_file!("index.html");
+const APP_JS: &[u8] = web_file!("app.js");
+const STYLE_CSS: &[u8] = web_file!("style.css");
+const ADMIN_HTML: &[u8] = web_file!("admin.html");
+const ADMIN_JS: &[u8] = web_file!("admin.js");
+const ADMIN_CSS: &[u8] = web_file!("admin.css");
+const COMMON_JS: &[u8] = web_file!("common.js");
+const COMMON_CSS: &[u8] = web_file!("common.css");
+const UPLOT_JS: &[u8] = uplot_file!("uPlot.iife.min.js");
+const UPLOT_CSS: &[u8] = uplot_file!("uPlot.min.css");
 
 const HTML: &str = "text/html; charset=utf-8";
-const JS: &str = "text/javascript; charset=utf-8";
-const CSS: &str = "text/css; charset=utf-8";
 
 /// The page and the console load only their own assets and talk only to their own
 /// origin (the HTTP API and the websocket); uPlot sets inline styles on its elements.
@@ -39,7 +47,9 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsa
                    img-src 'self' data:; connect-src 'self' ws: wss:; object-src 'none'; \
                    base-uri 'none'; form-action 'self'; frame-ancestors 'self'";
 
-fn asset(body: &'static [u8], content_type: &'static str) -> Response {
+/// One of the files below, as `content_type`, with `Cache-Control: no-cache`; an HTML page
+/// also with the headers that keep it to its own origin.
+fn serve(body: &'static [u8], content_type: &'static str) -> Response {
     let headers: [(HeaderName, HeaderValue); 3] = [
         (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
@@ -48,156 +58,93 @@ fn asset(body: &'static [u8], content_type: &'static str) -> Response {
             HeaderValue::from_static("nosniff"),
         ),
     ];
-    (headers, body).into_response()
+    let mut response = (headers, body).into_response();
+    if content_type == HTML {
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
+        // The token may arrive in the page's query string: never send it elsewhere.
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
+    response
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    paths(
-        crate::hub::upgrade,
-        index,
-        app_js,
-        style_css,
-        uplot_js,
-        uplot_css,
-        admin,
-        admin_js,
-        admin_css
-    ),
-    tags(
-        (name = "live", description = "The websocket that feeds live charts (the protocol is in SPEC §6)."),
-        (name = "page", description = "The visualizer's web page, the operators' console, and their assets, served from the binary.")
-    )
-)]
-struct VisualizerDoc;
+/// The table of what is served: for each file, the handler of `GET path` (doc comment and
+/// all, which become the operation's summary and description), the bytes, the media type
+/// (served with `; charset=utf-8`) and the description of the answer. It makes the
+/// handlers, [`router`] and the document of them all.
+macro_rules! files {
+    ($(
+        $(#[doc = $doc:tt])*
+        $handler:ident: $path:tt => $body:ident, $media_type:tt, $answer:tt;
+    )*) => {
+        $(
+            $(#[doc = $doc])*
+            #[utoipa::path(
+                get,
+                path = $path,
+                tag = "page",
+                responses((status = 200, description = $answer, body = String, content_type = $media_type))
+            )]
+            async fn $handler() -> Response {
+                serve($body, concat!($media_type, "; charset=utf-8"))
+            }
+        )*
+
+        #[derive(OpenApi)]
+        #[openapi(
+            paths(crate::hub::upgrade, $($handler),*),
+            tags(
+                (name = "live", description = "The websocket that feeds live charts (the protocol is in SPEC §6)."),
+                (name = "page", description = "The visualizer's web page, the operators' console, and their assets, served from the binary.")
+            )
+        )]
+        struct VisualizerDoc;
+
+        /// Routes of the page and the console: `GET /`, `GET /admin` and `GET /assets/…`
+        /// (HEAD too), each with its content type and `Cache-Control: no-cache`.
+        pub fn router() -> Router {
+            Router::new()$(.route($path, get($handler)))*
+        }
+    };
+}
+
+files! {
+    /// The visualizer page.
+    ///
+    /// It takes a token as `?token=`, which it never sends elsewhere.
+    index: "/" => INDEX_HTML, "text/html", "The page.";
+    /// The page's script.
+    app_js: "/assets/app.js" => APP_JS, "text/javascript", "The page's script.";
+    /// The page's style sheet.
+    style_css: "/assets/style.css" => STYLE_CSS, "text/css", "The page's style sheet.";
+    /// uPlot, the charting library.
+    uplot_js: "/assets/uPlot.iife.min.js" => UPLOT_JS, "text/javascript", "uPlot, the charting library.";
+    /// uPlot's style sheet.
+    uplot_css: "/assets/uPlot.min.css" => UPLOT_CSS, "text/css", "uPlot's style sheet.";
+    /// The operators' console.
+    ///
+    /// It asks for an admin token (or takes one as `?token=`, which it drops from the address
+    /// bar and never sends elsewhere) and then uses the HTTP API and the websocket.
+    admin: "/admin" => ADMIN_HTML, "text/html", "The console.";
+    /// The console's script.
+    admin_js: "/assets/admin.js" => ADMIN_JS, "text/javascript", "The console's script.";
+    /// The console's style sheet.
+    admin_css: "/assets/admin.css" => ADMIN_CSS, "text/css", "The console's style sheet.";
+    /// What the page's and the console's scripts share.
+    common_js: "/assets/common.js" => COMMON_JS, "text/javascript", "What the page's and the console's scripts share.";
+    /// What the page's and the console's style sheets share.
+    common_css: "/assets/common.css" => COMMON_CSS, "text/css", "What the page's and the console's style sheets share.";
+}
 
 /// The OpenAPI document of the visualizer's endpoints: the websocket and the page.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     VisualizerDoc::openapi()
-}
-
-/// The visualizer page.
-///
-/// It takes a token as `?token=`, which it never sends elsewhere.
-#[utoipa::path(
-    get,
-    path = "/",
-    tag = "page",
-    responses((status = 200, description = "The page.", body = String, content_type = "text/html"))
-)]
-async fn index() -> Response {
-    html_page(INDEX_HTML)
-}
-
-/// An HTML page, with the headers that keep it to its own origin.
-fn html_page(body: &'static [u8]) -> Response {
-    let mut response = asset(body, HTML);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
-    );
-    // The token may arrive in the page's query string: never send it elsewhere.
-    headers.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    response
-}
-
-/// The page's script.
-#[utoipa::path(
-    get,
-    path = "/assets/app.js",
-    tag = "page",
-    responses((status = 200, description = "The page's script.", body = String, content_type = "text/javascript"))
-)]
-async fn app_js() -> Response {
-    asset(APP_JS, JS)
-}
-
-/// The page's style sheet.
-#[utoipa::path(
-    get,
-    path = "/assets/style.css",
-    tag = "page",
-    responses((status = 200, description = "The page's style sheet.", body = String, content_type = "text/css"))
-)]
-async fn style_css() -> Response {
-    asset(STYLE_CSS, CSS)
-}
-
-/// uPlot, the charting library.
-#[utoipa::path(
-    get,
-    path = "/assets/uPlot.iife.min.js",
-    tag = "page",
-    responses((status = 200, description = "uPlot, the charting library.", body = String, content_type = "text/javascript"))
-)]
-async fn uplot_js() -> Response {
-    asset(UPLOT_JS, JS)
-}
-
-/// uPlot's style sheet.
-#[utoipa::path(
-    get,
-    path = "/assets/uPlot.min.css",
-    tag = "page",
-    responses((status = 200, description = "uPlot's style sheet.", body = String, content_type = "text/css"))
-)]
-async fn uplot_css() -> Response {
-    asset(UPLOT_CSS, CSS)
-}
-
-/// The operators' console.
-///
-/// It asks for an admin token (or takes one as `?token=`, which it drops from the address
-/// bar and never sends elsewhere) and then uses the HTTP API and the websocket.
-#[utoipa::path(
-    get,
-    path = "/admin",
-    tag = "page",
-    responses((status = 200, description = "The console.", body = String, content_type = "text/html"))
-)]
-async fn admin() -> Response {
-    html_page(ADMIN_HTML)
-}
-
-/// The console's script.
-#[utoipa::path(
-    get,
-    path = "/assets/admin.js",
-    tag = "page",
-    responses((status = 200, description = "The console's script.", body = String, content_type = "text/javascript"))
-)]
-async fn admin_js() -> Response {
-    asset(ADMIN_JS, JS)
-}
-
-/// The console's style sheet.
-#[utoipa::path(
-    get,
-    path = "/assets/admin.css",
-    tag = "page",
-    responses((status = 200, description = "The console's style sheet.", body = String, content_type = "text/css"))
-)]
-async fn admin_css() -> Response {
-    asset(ADMIN_CSS, CSS)
-}
-
-/// Routes of the page and the console: `GET /`, `GET /admin` and `GET /assets/{app.js,
-/// style.css, uPlot.iife.min.js, uPlot.min.css, admin.js, admin.css}` (HEAD too), each
-/// with its content type and `Cache-Control: no-cache`.
-pub fn router() -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/admin", get(admin))
-        .route("/assets/admin.js", get(admin_js))
-        .route("/assets/admin.css", get(admin_css))
-        .route("/assets/app.js", get(app_js))
-        .route("/assets/style.css", get(style_css))
-        .route("/assets/uPlot.iife.min.js", get(uplot_js))
-        .route("/assets/uPlot.min.css", get(uplot_css))
 }
 
 #[cfg(test)]
@@ -216,6 +163,8 @@ mod tests {
         for asset in [
             "assets/app.js",
             "assets/style.css",
+            "assets/common.js",
+            "assets/common.css",
             "assets/uPlot.iife.min.js",
             "assets/uPlot.min.css",
         ] {
@@ -230,18 +179,25 @@ mod tests {
 
     #[test]
     fn the_console_references_its_assets_and_nothing_outside() {
-        for asset in ["assets/admin.js", "assets/admin.css"] {
+        for asset in [
+            "assets/admin.js",
+            "assets/admin.css",
+            "assets/common.js",
+            "assets/common.css",
+        ] {
             assert!(
                 contains(ADMIN_HTML, asset),
                 "admin.html does not load {asset}"
             );
         }
-        for page in [ADMIN_HTML, ADMIN_JS, ADMIN_CSS] {
+        for page in [ADMIN_HTML, ADMIN_JS, ADMIN_CSS, COMMON_JS, COMMON_CSS] {
             assert!(!contains(page, "http://") && !contains(page, "https://"));
         }
-        // It talks to the API with a bearer token and to the websocket with `?token=`.
-        assert!(contains(ADMIN_JS, "Authorization"));
-        assert!(contains(ADMIN_JS, "searchParams.set('token'"));
+        // It talks to the API with a bearer token and to the websocket with `?token=`,
+        // through what it shares with the page.
+        assert!(contains(COMMON_JS, "Authorization"));
+        assert!(contains(COMMON_JS, "searchParams.set('token'"));
+        assert!(contains(ADMIN_JS, "window.Scholia") && contains(APP_JS, "window.Scholia"));
         assert!(contains(ADMIN_JS, "dry_run: true"));
         assert!(contains(ADMIN_CSS, "[data-status=\"failed\"]"));
     }
@@ -311,6 +267,12 @@ mod tests {
                 "text/css; charset=utf-8",
                 "data-status",
             ),
+            (
+                "/assets/common.js",
+                "text/javascript; charset=utf-8",
+                "LiveSocket",
+            ),
+            ("/assets/common.css", "text/css; charset=utf-8", ".conn"),
         ] {
             let response = get_raw(addr, path).await;
             let lower = response.to_ascii_lowercase();
@@ -329,15 +291,14 @@ mod tests {
             );
             assert!(response.contains(marker), "{path}: body lacks {marker}");
         }
-        let console = get_raw(addr, "/admin").await.to_ascii_lowercase();
-        assert!(
-            console.contains("content-security-policy: default-src 'self'"),
-            "{console}"
-        );
-        assert!(
-            console.contains("referrer-policy: no-referrer"),
-            "{console}"
-        );
+        for page in ["/", "/admin"] {
+            let page = get_raw(addr, page).await.to_ascii_lowercase();
+            assert!(
+                page.contains("content-security-policy: default-src 'self'"),
+                "{page}"
+            );
+            assert!(page.contains("referrer-policy: no-referrer"), "{page}");
+        }
         let missing = get_raw(addr, "/assets/nope.js").await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         server.abort();

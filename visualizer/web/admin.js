@@ -12,7 +12,8 @@
  *   - a new invalidation: the dry-run plan, then confirm     POST /v1/invalidations (dry_run)
  *   - a candidate: build, diff, promote, discard             /v1/analyses/{a}/candidate…
  *   - quarantine and schedules                               GET /v1/quarantine, /v1/schedules
- * Errors the API answers are shown as their `detail`, word for word.
+ * Errors the API answers are shown as their `detail`, word for word. common.js
+ * (`window.Scholia`) has what the console shares with the analysts' page.
  *
  * The map has one band per analysis and one cell per UTC day, weeks as columns and
  * weekdays as rows, so a year is 53 × 7 cells per analysis. An hourly analysis also gets
@@ -38,9 +39,10 @@
 (function () {
   'use strict';
 
+  const { $, DAY, el, pad2, dayKey, lastDays, replaceQuery, storedToken, storeToken, showMessage, clearMessage, setConn, request, LiveSocket } = window.Scholia;
+
   // ---------------------------------------------------------------- constants
 
-  const DAY = 864e5;
   const TOKEN_KEY = 'scholia.console.token';
   /** The widest range the map shows: two years (and so 17,544 hours of an hourly analysis). */
   const MAX_DAYS = 731;
@@ -59,7 +61,6 @@
 
   // ---------------------------------------------------------------- elements
 
-  const $ = (id) => document.getElementById(id);
   const els = {
     gate: $('token-gate'),
     tokenForm: $('token-form'),
@@ -68,8 +69,6 @@
     tokenChange: $('token-change'),
     console: $('console'),
     conn: $('conn'),
-    message: $('message'),
-    messageText: $('message-text'),
     messageClose: $('message-close'),
     rangeForm: $('range-form'),
     rangeFrom: $('range-from'),
@@ -143,9 +142,6 @@
     chunks: [],              // [{analysis, from, to, loaded, subId}]
     mapGen: 0,               // bumps whenever the map is rebuilt: late answers are dropped
     layout: null,            // {first, days, weeks}
-    ws: null,
-    attempt: 0,
-    reconnectTimer: null,
     everOpened: false,
     subSeq: 0,
     subs: new Map(),         // subscription id -> chunk
@@ -163,34 +159,12 @@
 
   // ---------------------------------------------------------------- small utilities
 
-  function el(tag, className, text) {
-    const e = document.createElement(tag);
-    if (className) e.className = className;
-    if (text != null) e.textContent = text;
-    return e;
-  }
-
-  function pad2(n) { return String(n).padStart(2, '0'); }
-
   /** 'YYYY-MM-DD' → UTC ms, or null. */
   function dayMs(s) {
     const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(String(s || ''));
     if (!m) return null;
     const t = Date.UTC(+m[1], +m[2] - 1, +m[3]);
     return Number.isNaN(t) ? null : t;
-  }
-
-  function dayKey(ms) { return new Date(ms).toISOString().slice(0, 10); }
-
-  function todayMs() {
-    const n = new Date();
-    return Date.UTC(n.getUTCFullYear(), n.getUTCMonth(), n.getUTCDate());
-  }
-
-  /** The last `days` UTC days, today included. */
-  function lastDays(days) {
-    const t = todayMs();
-    return { from: dayKey(t - (days - 1) * DAY), to: dayKey(t + DAY) };
   }
 
   function fmtNumber(v) {
@@ -297,80 +271,28 @@
     return c;
   }
 
-  // ---------------------------------------------------------------- messages
-
-  /** A notice or an error. An API error's text is its `detail`, as the service wrote it. */
-  function showMessage(kind, context, text) {
-    els.message.dataset.kind = kind;
-    const parts = [];
-    if (context) parts.push(el('strong', null, `${context}: `));
-    parts.push(document.createTextNode(text));
-    els.messageText.replaceChildren(...parts);
-    els.message.hidden = false;
-  }
-
-  function clearMessage() {
-    els.message.hidden = true;
-    els.messageText.replaceChildren();
-  }
-
-  function setConn(name, text) {
-    els.conn.dataset.state = name;
-    els.conn.textContent = text;
-  }
-
   // ---------------------------------------------------------------- HTTP API
 
-  class ApiError extends Error {
-    constructor(status, message) {
-      super(message);
-      this.status = status;
-    }
-  }
+  // Messages (showMessage) give an API error's text as its `detail`, as the service wrote it.
+  const API_TEXTS = {
+    network: () => 'The service did not answer; check that it is running and reachable.',
+    refusal: (json, text, resp) => (json && (json.detail || json.title)) || text.trim().slice(0, 500)
+      || `The service answered ${resp.status} ${resp.statusText}.`,
+  };
 
   /** Calls the API; a refusal throws with the problem's `detail` as its message. */
   async function api(method, path, body) {
-    const headers = { Accept: 'application/json, application/problem+json' };
-    if (state.token) headers.Authorization = `Bearer ${state.token}`;
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
-    let resp;
     try {
-      resp = await fetch(new URL(path, document.baseURI), {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-        cache: 'no-store',
-      });
+      return await request(state.token, method, path, body, API_TEXTS);
     } catch (e) {
-      throw new ApiError(0, 'The service did not answer; check that it is running and reachable.');
+      if (e.status === 401) askForToken(e.message);
+      throw e;
     }
-    const text = await resp.text();
-    let json = null;
-    try { json = text ? JSON.parse(text) : null; } catch (_) { json = null; }
-    if (!resp.ok) {
-      const detail = (json && (json.detail || json.title)) || text.trim().slice(0, 500)
-        || `The service answered ${resp.status} ${resp.statusText}.`;
-      const error = new ApiError(resp.status, detail);
-      if (resp.status === 401) askForToken(detail);
-      throw error;
-    }
-    return json;
   }
 
   function enc(s) { return encodeURIComponent(s); }
 
   // ---------------------------------------------------------------- token
-
-  function storedToken() {
-    try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch (_) { return ''; }
-  }
-
-  function storeToken(token) {
-    try {
-      if (token) sessionStorage.setItem(TOKEN_KEY, token);
-      else sessionStorage.removeItem(TOKEN_KEY);
-    } catch (_) { /* storage may be disabled */ }
-  }
 
   function askForToken(why) {
     els.gate.hidden = false;
@@ -397,7 +319,7 @@
       if (e.status !== 401) askForToken(e.message);
       return;
     }
-    storeToken(state.token);
+    storeToken('sessionStorage', TOKEN_KEY, state.token);
     els.gate.hidden = true;
     els.console.hidden = false;
     document.body.dataset.console = 'open';
@@ -534,8 +456,7 @@
     }
     if (!state.live) q.set('live', '0');
     else q.delete('live');
-    const s = q.toString();
-    history.replaceState(null, '', `${location.pathname}${s ? `?${s}` : ''}${location.hash}`);
+    replaceQuery(q);
   }
 
   // ---------------------------------------------------------------- the status map: model
@@ -1078,51 +999,8 @@
 
   // ---------------------------------------------------------------- websocket
 
-  function wsUrl() {
-    const u = new URL('v1/ws', document.baseURI);
-    u.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    u.search = '';
-    u.hash = '';
-    u.searchParams.set('token', state.token);
-    return u.toString();
-  }
-
-  function send(obj) {
-    if (state.ws && state.ws.readyState === WebSocket.OPEN) {
-      state.ws.send(JSON.stringify(obj));
-      return true;
-    }
-    return false;
-  }
-
-  function closeSocket() {
-    clearTimeout(state.reconnectTimer);
-    state.reconnectTimer = null;
-    if (state.ws) {
-      const old = state.ws;
-      state.ws = null;
-      old.onopen = old.onmessage = old.onclose = old.onerror = null;
-      try { old.close(1000, 'closing'); } catch (_) { /* already closed */ }
-    }
-    state.subs.clear();
-    for (const c of state.chunks) c.subId = null;
-    setConn('idle', 'not connected');
-  }
-
-  function connect() {
-    closeSocket();
-    if (!state.token) return;
-    setConn('connecting', state.attempt ? `reconnecting (attempt ${state.attempt + 1})…` : 'connecting…');
-    let ws;
-    try {
-      ws = new WebSocket(wsUrl());
-    } catch (_) {
-      scheduleReconnect();
-      return;
-    }
-    state.ws = ws;
-    ws.onopen = () => {
-      state.attempt = 0;
+  const socket = new LiveSocket({
+    open() {
       setConn('live', state.live ? 'live' : 'connected (not live)');
       const again = state.everOpened;
       state.everOpened = true;
@@ -1131,29 +1009,34 @@
       } else {
         for (const c of state.chunks) if (c.loaded && state.live) subscribe(c);
       }
-    };
-    ws.onmessage = (ev) => { if (typeof ev.data === 'string') onMessage(ev.data); };
-    ws.onerror = () => { /* a close follows */ };
-    ws.onclose = (ev) => {
-      if (state.ws !== ws) return;
-      state.ws = null;
-      state.subs.clear();
-      for (const c of state.chunks) c.subId = null;
-      scheduleReconnect(ev);
-    };
+    },
+    message: onMessage,
+    closed: forgetSubscriptions,
+    retry: connect,
+  });
+
+  function send(obj) { return socket.send(obj); }
+
+  /** The socket's subscriptions are gone (it closed, or they were ended). */
+  function forgetSubscriptions() {
+    state.subs.clear();
+    for (const c of state.chunks) c.subId = null;
   }
 
-  function scheduleReconnect(ev) {
-    const base = Math.min(15000, 500 * 2 ** state.attempt);
-    const delay = Math.round(base * (0.8 + Math.random() * 0.4));
-    state.attempt = Math.min(state.attempt + 1, 10);
-    const why = ev && ev.reason ? ` (${ev.reason})` : '';
-    setConn('down', `disconnected${why}; retrying in ${Math.max(1, Math.round(delay / 1000))} s`);
-    state.reconnectTimer = setTimeout(connect, delay);
+  function closeSocket() {
+    socket.close('closing');
+    forgetSubscriptions();
+    setConn('idle', 'not connected');
+  }
+
+  function connect() {
+    closeSocket();
+    if (!state.token) return;
+    socket.open(state.token);
   }
 
   function subscribe(chunk) {
-    if (!state.live || chunk.subId || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+    if (!state.live || chunk.subId || !socket.isOpen()) return;
     if (state.subs.size >= MAX_SUBSCRIPTIONS) {
       if (state.warnedGen !== state.mapGen) {
         state.warnedGen = state.mapGen;
@@ -1170,14 +1053,22 @@
 
   function unsubscribeAll() {
     for (const id of state.subs.keys()) send({ op: 'unsubscribe', id });
-    state.subs.clear();
-    for (const c of state.chunks) c.subId = null;
+    forgetSubscriptions();
   }
 
-  function onMessage(data) {
-    let msg;
-    try { msg = JSON.parse(data); } catch (_) { return; }
-    if (!msg || typeof msg !== 'object') return;
+  /** Sets the cells of `keys` (a message's partitions) for which `applies(cell)` to `next(cell)`. */
+  function updateCells(band, keys, touched, applies, next) {
+    for (const k of Array.isArray(keys) ? keys : []) {
+      const key = String(k);
+      const c = band.cells.get(key);
+      if (applies(c)) {
+        band.cells.set(key, next(c));
+        touched.push(key);
+      }
+    }
+  }
+
+  function onMessage(msg) {
     const chunk = msg.sub != null ? state.subs.get(msg.sub) : null;
     if (msg.type === 'error') {
       showMessage('error', chunk ? `Live updates of ${chunk.analysis}` : 'Live updates', String(msg.message || 'The service refused a message.'));
@@ -1215,24 +1106,14 @@
       }
       case 'waiting':
         // The server asked for these to be built: those that were missing or stale are queued.
-        for (const k of Array.isArray(msg.partitions) ? msg.partitions : []) {
-          const key = String(k);
-          const c = band.cells.get(key);
-          if (!c || c.status === 'missing' || (c.status === 'stale' && !c.rebuild)) {
-            band.cells.set(key, Object.assign({ rows: null, generation: null, version: null, error: null }, c || {}, { status: 'queued', rebuild: null }));
-            touched.push(key);
-          }
-        }
+        updateCells(band, msg.partitions, touched,
+          (c) => !c || c.status === 'missing' || (c.status === 'stale' && !c.rebuild),
+          (c) => Object.assign({ rows: null, generation: null, version: null, error: null }, c || {}, { status: 'queued', rebuild: null }));
         break;
       case 'invalidated':
-        for (const k of Array.isArray(msg.partitions) ? msg.partitions : []) {
-          const key = String(k);
-          const c = band.cells.get(key);
-          if (c && c.status !== 'missing') {
-            band.cells.set(key, Object.assign({}, c, { status: 'stale', rebuild: null }));
-            touched.push(key);
-          }
-        }
+        updateCells(band, msg.partitions, touched,
+          (c) => c && c.status !== 'missing',
+          (c) => Object.assign({}, c, { status: 'stale', rebuild: null }));
         break;
       case 'resync':
         // We missed updates: read this chunk again and subscribe anew.
@@ -2067,7 +1948,7 @@
       tryToken(els.token.value);
     });
 
-    const token = q.get('token') || storedToken();
+    const token = q.get('token') || storedToken('sessionStorage', TOKEN_KEY);
     updateUrl(); // drops ?token= from the address bar at once
     if (token) tryToken(token);
     else askForToken('');

@@ -3,7 +3,8 @@
  *
  * Talks to the service with the HTTP API (SPEC §5: analyses list, invalidations)
  * and the websocket protocol (SPEC §6: subscribe / partition / waiting / status /
- * ready / invalidated / error / resync). No framework; uPlot draws the charts.
+ * ready / invalidated / error / resync). No framework; uPlot draws the charts, and
+ * common.js (`window.Scholia`) has what this page shares with the console.
  *
  * DOM hooks that tests rely on:
  *   #status-strip .cell[data-partition][data-status]   one cell per partition key
@@ -16,6 +17,8 @@
  */
 (function () {
   'use strict';
+
+  const { $, el, pad2, lastDays, replaceQuery, storedToken, storeToken, clearMessage, setConn, request, LiveSocket } = window.Scholia;
 
   // ---------------------------------------------------------------- constants
 
@@ -32,7 +35,6 @@
 
   // ---------------------------------------------------------------- elements
 
-  const $ = (id) => document.getElementById(id);
   const els = {
     form: $('watch-form'),
     token: $('token'),
@@ -42,8 +44,6 @@
     watch: $('watch'),
     invalidate: $('invalidate'),
     info: $('analysis-info'),
-    message: $('message'),
-    messageText: $('message-text'),
     messageClose: $('message-close'),
     conn: $('conn'),
     strip: $('status-strip'),
@@ -71,26 +71,12 @@
     version: null,
     lastUpdate: null,      // {at: Date, partition, generation}
     seen: new Set(),       // every partition status shown since the page loaded
-    ws: null,
-    attempt: 0,
-    reconnectTimer: null,
     charts: new Map(),     // column -> {card, plot, u, labelsKey}
     renderTimer: null,
     invalidationPoll: null,
   };
 
   // ---------------------------------------------------------------- utilities
-
-  function pad2(n) { return String(n).padStart(2, '0'); }
-
-  function utcDay(ms) { return new Date(ms).toISOString().slice(0, 10); }
-
-  /** The last 7 UTC days, today included: [today - 6, today + 1). */
-  function defaultRange() {
-    const now = new Date();
-    const today = Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate());
-    return { from: utcDay(today - 6 * 864e5), to: utcDay(today + 864e5) };
-  }
 
   /** Parses a date/time string to UTC seconds; strings without a zone are UTC. */
   function parseTime(s) {
@@ -163,65 +149,24 @@
     return v || fallback;
   }
 
-  function el(tag, className, text) {
-    const e = document.createElement(tag);
-    if (className) e.className = className;
-    if (text != null) e.textContent = text;
-    return e;
-  }
-
   // ---------------------------------------------------------------- messages
 
-  function showMessage(kind, text) {
-    els.message.dataset.kind = kind;
-    els.messageText.textContent = text;
-    els.message.hidden = false;
-  }
-
-  function clearMessage() {
-    els.message.hidden = true;
-    els.messageText.textContent = '';
-  }
-
-  function setConn(stateName, text) {
-    els.conn.dataset.state = stateName;
-    els.conn.textContent = text;
-  }
+  function showMessage(kind, text) { window.Scholia.showMessage(kind, null, text); }
 
   // ---------------------------------------------------------------- HTTP API
 
-  class ApiError extends Error {
-    constructor(status, message) {
-      super(message);
-      this.status = status;
-    }
-  }
-
-  /** Calls the API; errors carry the problem+json `detail` as their message. */
-  async function api(method, path, body) {
-    const headers = { Accept: 'application/json, application/problem+json' };
-    if (state.token) headers.Authorization = `Bearer ${state.token}`;
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
-    let resp;
-    try {
-      resp = await fetch(new URL(path, document.baseURI), {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-        cache: 'no-store',
-      });
-    } catch (e) {
-      throw new ApiError(0, `network error: ${e && e.message ? e.message : e}`);
-    }
-    const text = await resp.text();
-    let json = null;
-    try { json = text ? JSON.parse(text) : null; } catch (_) { json = null; }
-    if (!resp.ok) {
+  const API_TEXTS = {
+    network: (e) => `network error: ${e && e.message ? e.message : e}`,
+    refusal: (json, text, resp) => {
       const detail = (json && (json.detail || json.title || json.message || json.error))
         || text.trim().slice(0, 300) || resp.statusText || 'request failed';
-      throw new ApiError(resp.status, `${detail} (HTTP ${resp.status})`);
-    }
-    return json;
+      return `${detail} (HTTP ${resp.status})`;
+    },
+  };
+
+  /** Calls the API; errors carry the problem+json `detail` as their message. */
+  function api(method, path, body) {
+    return request(state.token, method, path, body, API_TEXTS);
   }
 
   async function loadAnalyses() {
@@ -386,19 +331,15 @@
       q.set('from', state.watch.from);
       q.set('to', state.watch.to);
     }
-    const qs = q.toString();
     // The token stays in localStorage, never in the address bar or history.
-    history.replaceState(null, '', `${location.pathname}${qs ? '?' + qs : ''}${location.hash}`);
+    replaceQuery(q);
   }
 
   function setToken(token) {
     token = (token || '').trim();
     if (token === state.token) return false;
     state.token = token;
-    try {
-      if (token) localStorage.setItem(TOKEN_KEY, token);
-      else localStorage.removeItem(TOKEN_KEY);
-    } catch (_) { /* storage may be disabled */ }
+    storeToken('localStorage', TOKEN_KEY, token);
     return true;
   }
 
@@ -442,9 +383,9 @@
       updateUrl();
     }
     showAnalysisInfo();
-    if (reconnect || !state.ws) {
+    if (reconnect || !socket.ws) {
       connect();
-    } else if (state.ws.readyState === WebSocket.OPEN) {
+    } else if (socket.isOpen()) {
       subscribe();
     } // else: connecting; onopen subscribes
     scheduleRender();
@@ -452,73 +393,29 @@
 
   // ---------------------------------------------------------------- websocket
 
-  function wsUrl() {
-    const u = new URL('v1/ws', document.baseURI);
-    u.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    u.search = '';
-    u.hash = '';
-    u.searchParams.set('token', state.token);
-    return u.toString();
-  }
+  const socket = new LiveSocket({
+    open() {
+      setConn('live', 'live');
+      if (state.watch) subscribe();
+    },
+    message: handleMessage,
+    closed(opened) {
+      state.subId = null;
+      if (!opened) probeToken();
+    },
+    retry: connect,
+  });
 
-  function send(obj) {
-    if (state.ws && state.ws.readyState === WebSocket.OPEN) {
-      state.ws.send(JSON.stringify(obj));
-      return true;
-    }
-    return false;
-  }
+  function send(obj) { return socket.send(obj); }
 
   function connect() {
-    clearTimeout(state.reconnectTimer);
-    state.reconnectTimer = null;
-    if (state.ws) {
-      const old = state.ws;
-      state.ws = null;
-      old.onopen = old.onmessage = old.onclose = old.onerror = null;
-      try { old.close(1000, 'reconnecting'); } catch (_) { /* already closed */ }
-    }
+    socket.close('reconnecting');
     state.subId = null;
     if (!state.token) {
       setConn('idle', 'no token');
       return;
     }
-    setConn('connecting', state.attempt ? `reconnecting (attempt ${state.attempt + 1})…` : 'connecting…');
-    let ws;
-    try {
-      ws = new WebSocket(wsUrl());
-    } catch (e) {
-      scheduleReconnect(false);
-      return;
-    }
-    state.ws = ws;
-    let opened = false;
-    ws.onopen = () => {
-      opened = true;
-      state.attempt = 0;
-      setConn('live', 'live');
-      if (state.watch) subscribe();
-    };
-    ws.onmessage = (ev) => {
-      if (typeof ev.data === 'string') handleMessage(ev.data);
-    };
-    ws.onerror = () => { /* a close event follows */ };
-    ws.onclose = (ev) => {
-      if (state.ws !== ws) return;
-      state.ws = null;
-      state.subId = null;
-      scheduleReconnect(opened, ev);
-    };
-  }
-
-  function scheduleReconnect(opened, ev) {
-    const base = Math.min(15000, 500 * 2 ** state.attempt);
-    const delay = Math.round(base * (0.8 + Math.random() * 0.4));
-    state.attempt = Math.min(state.attempt + 1, 10);
-    const why = ev && ev.reason ? ` (${ev.reason})` : '';
-    setConn('down', `disconnected${why}; retrying in ${Math.max(1, Math.round(delay / 1000))} s`);
-    state.reconnectTimer = setTimeout(connect, delay);
-    if (!opened) probeToken();
+    socket.open(state.token);
   }
 
   /** The browser hides why an upgrade failed; ask the HTTP API, which says. */
@@ -562,10 +459,7 @@
     p.error = p.status === 'failed' ? String(error || 'analysis failed') : null;
   }
 
-  function handleMessage(data) {
-    let msg;
-    try { msg = JSON.parse(data); } catch (_) { return; }
-    if (!msg || typeof msg !== 'object') return;
+  function handleMessage(msg) {
     const type = msg.type;
     const mine = msg.sub == null || msg.sub === state.subId;
     if (!mine && type !== 'error') return; // a late message of an old subscription
@@ -987,12 +881,10 @@
 
   function init() {
     const q = new URLSearchParams(location.search);
-    let stored = '';
-    try { stored = localStorage.getItem(TOKEN_KEY) || ''; } catch (_) { stored = ''; }
-    setToken(q.get('token') || stored);
+    setToken(q.get('token') || storedToken('localStorage', TOKEN_KEY));
     els.token.value = state.token;
 
-    const def = defaultRange();
+    const def = lastDays(7);
     setDateInput(els.from, q.get('from') || def.from);
     setDateInput(els.to, q.get('to') || def.to);
     state.wantedAnalysis = (q.get('analysis') || '').trim();
