@@ -291,17 +291,16 @@ impl Analyses for Backend {
             .execute(tx.conn())
             .await
             .ctx("deleting a candidate's build history")?;
-        super::log::append(
-            &mut tx,
-            vec![NewEvent::admin(
+        super::log::commit_audited(
+            tx,
+            NewEvent::admin(
                 actor,
                 "candidate.discarded",
                 live,
                 serde_json::json!({"version": version, "partitions": partitions, "queued": queued}),
-            )],
+            ),
         )
         .await?;
-        tx.commit().await?;
         Ok(Discarded {
             version,
             partitions,

@@ -284,17 +284,16 @@ impl Invalidations for Backend {
         .execute(tx.conn())
         .await
         .ctx("dequeueing cancelled partitions")?;
-        super::log::append(
-            &mut tx,
-            vec![NewEvent::admin(
+        super::log::commit_audited(
+            tx,
+            NewEvent::admin(
                 actor,
                 "invalidation.cancelled",
                 id.to_string(),
                 serde_json::json!({"analysis": current.analysis}),
-            )],
+            ),
         )
         .await?;
-        tx.commit().await?;
         self.progress(id).await
     }
     async fn retry(&self, id: Uuid, actor: &str) -> Result<Retried> {

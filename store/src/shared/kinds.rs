@@ -74,17 +74,11 @@ impl Kinds for Backend {
         .execute(tx.conn())
         .await
         .ctx("declaring a kind")?;
-        super::log::append(
-            &mut tx,
-            vec![NewEvent::admin(
-                actor,
-                "kind.declared",
-                kind,
-                serde_json::json!(fields),
-            )],
+        super::log::commit_audited(
+            tx,
+            NewEvent::admin(actor, "kind.declared", kind, serde_json::json!(fields)),
         )
         .await?;
-        tx.commit().await?;
         Ok(KindInfo {
             kind: kind.to_string(),
             schema,

@@ -54,6 +54,13 @@ pub(crate) async fn append(tx: &mut WriteTx, events: Vec<NewEvent>) -> Result<Ve
     Ok(logged)
 }
 
+/// Log one admin action in `tx` and commit it: what the action changed and its audit event
+/// land together, or neither does.
+pub(crate) async fn commit_audited(mut tx: WriteTx, action: NewEvent) -> Result<()> {
+    append(&mut tx, vec![action]).await?;
+    tx.commit().await
+}
+
 type LogRow = (i64, Timestamp, String, Json<EventBody>);
 
 #[async_trait]

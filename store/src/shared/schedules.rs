@@ -45,17 +45,16 @@ impl Schedules for Backend {
         .execute(tx.conn())
         .await
         .ctx("storing a schedule")?;
-        super::log::append(
-            &mut tx,
-            vec![NewEvent::admin(
-                actor,
-                "schedule.updated",
-                &schedule.name,
-                serde_json::json!({"analysis": schedule.analysis, "cron": schedule.cron, "window": schedule.window}),
-            )],
+        super::log::commit_audited(
+            tx,
+            NewEvent::admin(
+            actor,
+            "schedule.updated",
+            &schedule.name,
+            serde_json::json!({"analysis": schedule.analysis, "cron": schedule.cron, "window": schedule.window}),
+            ),
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 

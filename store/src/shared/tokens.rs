@@ -158,17 +158,16 @@ impl Tokens for Backend {
         if done == 0 {
             return Ok(false);
         }
-        super::log::append(
-            &mut tx,
-            vec![NewEvent::admin(
+        super::log::commit_audited(
+            tx,
+            NewEvent::admin(
                 actor,
                 "token.revoked",
                 id.to_string(),
                 serde_json::Value::Null,
-            )],
+            ),
         )
         .await?;
-        tx.commit().await?;
         Ok(true)
     }
 
