@@ -1,14 +1,16 @@
 //! The SQLite backend of the embedded deployment: one file, one process. SQLite has one
-//! writer at a time, so every write takes this process's write lock (which doubles as the
-//! log lock) and `BEGIN IMMEDIATE`; readers use the pool freely (WAL). Notifications stay
-//! in the process. The rest is `../shared`.
+//! writer at a time, so every write transaction takes this process's write lock (which
+//! doubles as the log lock) and `BEGIN IMMEDIATE`; two single-statement updates that must
+//! not queue behind batches (a lease's heartbeat, the relay's cursor) go straight to the
+//! pool and rely on SQLite's busy wait. Readers use the pool freely (WAL). Notifications
+//! stay in the process. The rest is `../shared`.
 
 mod records;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -28,6 +30,11 @@ pub(crate) type Backend = SqliteStore;
 /// A claim runs under the write lock, so it locks no row of its own.
 pub(crate) const CLAIM_LOCK: &str = "";
 
+/// How long a batch of records may wait for the write lock (see `write_batch_tx`).
+const INGEST_LOCK_WAIT: Duration = Duration::from_secs(10);
+/// A write holding the lock longer than this is logged.
+const SLOW_WRITE: Duration = Duration::from_secs(2);
+
 // Compiled once per backend on purpose: here `Db` is this backend's (see `lib.rs`).
 #[allow(clippy::duplicate_mod)]
 #[path = "../shared/mod.rs"]
@@ -36,6 +43,8 @@ mod shared;
 pub(crate) struct SqliteStore {
     pool: SqlitePool,
     write_lock: Arc<Mutex<()>>,
+    /// `INGEST_LOCK_WAIT`, but for tests.
+    ingest_lock_wait: Duration,
     log_commits: watch::Sender<u64>,
     work_commits: watch::Sender<u64>,
 }
@@ -69,6 +78,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             write_lock: Arc::new(Mutex::new(())),
+            ingest_lock_wait: INGEST_LOCK_WAIT,
             log_commits: watch::Sender::new(0),
             work_commits: watch::Sender::new(0),
         })
@@ -77,6 +87,32 @@ impl SqliteStore {
     /// A transaction holding the write lock (which is also the log lock) until commit.
     pub(crate) async fn write(&self) -> Result<WriteTx> {
         let guard = self.write_lock.clone().lock_owned().await;
+        self.begin_holding(guard).await
+    }
+
+    /// `write`, for a batch of records: it waits at most `INGEST_LOCK_WAIT` for the lock,
+    /// and is refused as unavailable (503 with `Retry-After`) past that, having done
+    /// nothing. The lock is fair, so a batch waits for every one ahead of it: when they
+    /// are more than the disk writes in that time, an answer now keeps the producers'
+    /// requests from timing out one after another while the server finishes each
+    /// abandoned one, and the batches that do get the lock keep the disk busy.
+    pub(crate) async fn write_batch_tx(&self) -> Result<WriteTx> {
+        let wait = self.ingest_lock_wait;
+        let guard = tokio::time::timeout(wait, self.write_lock.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                Error::unavailable(
+                    "the database",
+                    format!(
+                        "it has been busy writing other batches for {} ms; nothing of this batch was written, send it again shortly",
+                        wait.as_millis()
+                    ),
+                )
+            })?;
+        self.begin_holding(guard).await
+    }
+
+    async fn begin_holding(&self, guard: OwnedMutexGuard<()>) -> Result<WriteTx> {
         let tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -85,6 +121,7 @@ impl SqliteStore {
         Ok(WriteTx {
             tx,
             _guard: guard,
+            locked_at: Instant::now(),
             logged: false,
             queued: false,
             log_commits: self.log_commits.clone(),
@@ -114,6 +151,7 @@ impl SqliteStore {
 pub(crate) struct WriteTx {
     tx: Transaction<'static, Sqlite>,
     _guard: OwnedMutexGuard<()>,
+    locked_at: Instant,
     logged: bool,
     queued: bool,
     log_commits: watch::Sender<u64>,
@@ -137,6 +175,13 @@ impl WriteTx {
 
     pub(crate) async fn commit(self) -> Result<()> {
         self.tx.commit().await.ctx("committing")?;
+        let held = self.locked_at.elapsed();
+        if held > SLOW_WRITE {
+            tracing::warn!(
+                held_ms = held.as_millis() as u64,
+                "a write held the SQLite write lock for long; every other write waited for it"
+            );
+        }
         if self.logged {
             self.log_commits.send_modify(|n| *n += 1);
         }
@@ -165,5 +210,32 @@ struct LocalLeadership;
 impl Leadership for LocalLeadership {
     async fn holds(&mut self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_that_cannot_get_the_write_lock_in_time_is_refused_as_unavailable() {
+        let dir = std::env::temp_dir().join(format!("scholia-store-{}", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}", dir.join("s.db").display());
+        let mut store = SqliteStore::connect(&url).await.expect("opening");
+        store.ingest_lock_wait = Duration::from_millis(200);
+
+        let held = store.write().await.expect("a write holding the lock");
+        let started = Instant::now();
+        let refused = store.write_batch_tx().await;
+        assert!(
+            matches!(refused, Err(Error::Unavailable { .. })),
+            "refused while another write holds the lock: {:?}",
+            refused.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(held);
+        let tx = store.write_batch_tx().await.expect("the lock once free");
+        tx.commit().await.expect("committing");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -91,7 +91,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn write_batch(&self, batch: Batch) -> Result<Written> {
-        let mut tx = self.write().await?;
+        let mut tx = self.write_batch_tx().await?;
         let ids: Vec<Uuid> = batch.records.iter().map(|r| r.envelope.data_id).collect();
         let known = known_digests(tx.conn(), &ids).await?;
         let kinds = batch_kinds(&batch);
