@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
-use polars::prelude::{Column, DataType, SortMultipleOptions};
+use polars::prelude::{
+    Column, DataFrame, DataType, Int64Chunked, PolarsResult, SortMultipleOptions, StringChunked,
+};
 
 use scholia_events::schema::{FieldType, KindSchema, column_name};
 use scholia_events::store::Records;
@@ -249,16 +251,139 @@ async fn extend(
         if new.frame.schema() != input.frame.schema() {
             return Ok(None);
         }
-        input.frame.vstack_mut(&new.frame).map_err(frame_error)?;
-        // In the order a full load gives.
-        input.frame = input
-            .frame
-            .sort(
-                ["created", "data_id"],
-                SortMultipleOptions::default().with_maintain_order(true),
-            )
-            .map_err(frame_error)?;
+        input.frame = merge_ordered(&input.frame, &new.frame).map_err(frame_error)?;
     }
     input.summary = summary;
     Ok(Some(input))
+}
+
+/// A row's place in the order of a frame: (`created`, `data_id`).
+fn key<'a>(
+    created: &Int64Chunked,
+    ids: &'a StringChunked,
+    i: usize,
+) -> (Option<i64>, Option<&'a str>) {
+    (created.get(i), ids.get(i))
+}
+
+/// At most this many new rows are spliced into a held frame; more are sorted in.
+const MAX_SPLICED: usize = 64;
+/// A frame made of more chunks than this is made one again.
+const MAX_CHUNKS: usize = 256;
+
+/// `held` with the rows of `new` merged in, both ordered by (`created`, `data_id`), in the
+/// order a full load gives. The held rows are not copied: the result is slices of `held`
+/// with each new row between them. Live records land at the end, so usually that is one
+/// append; a late record splits the frame once. Only when the slices pile up past
+/// `MAX_CHUNKS` is the frame copied into one chunk again. Many new rows at once are
+/// sorted in instead: a sort copies every row, but does it once.
+fn merge_ordered(held: &DataFrame, new: &DataFrame) -> PolarsResult<DataFrame> {
+    if new.height() > MAX_SPLICED {
+        let mut all = held.clone();
+        all.vstack_mut(new)?;
+        return all.sort(
+            ["created", "data_id"],
+            SortMultipleOptions::default().with_maintain_order(true),
+        );
+    }
+    let held_created = held.column("created")?.datetime()?.physical().clone();
+    let held_ids = held.column("data_id")?.str()?.clone();
+    let new_created = new.column("created")?.datetime()?.physical().clone();
+    let new_ids = new.column("data_id")?.str()?.clone();
+
+    let mut merged = held.slice(0, 0);
+    let mut start = 0;
+    for j in 0..new.height() {
+        let row = key(&new_created, &new_ids, j);
+        // The first held row after `row` (equal keys keep the held row first).
+        let (mut lo, mut hi) = (start, held.height());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if key(&held_created, &held_ids, mid) <= row {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if lo > start {
+            merged.vstack_mut_owned(held.slice(start as i64, lo - start))?;
+        }
+        merged.vstack_mut_owned(new.slice(j as i64, 1))?;
+        start = lo;
+    }
+    if start < held.height() {
+        merged.vstack_mut_owned(held.slice(start as i64, held.height() - start))?;
+    }
+    if merged.max_n_chunks() > MAX_CHUNKS {
+        merged.rechunk_mut();
+    }
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polars::prelude::{IntoColumn, IntoSeries, NamedFrom, Series, TimeUnit};
+
+    fn frame(rows: &[(i64, String, f64)]) -> DataFrame {
+        let created: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        let values: Vec<f64> = rows.iter().map(|r| r.2).collect();
+        DataFrame::new(
+            rows.len(),
+            vec![
+                Series::new("data_id".into(), ids).into_column(),
+                Series::new("created".into(), created)
+                    .into_datetime(TimeUnit::Microseconds, None)
+                    .into_series()
+                    .into_column(),
+                Series::new("v".into(), values).into_column(),
+            ],
+        )
+        .expect("a frame")
+    }
+
+    fn sorted(mut rows: Vec<(i64, String, f64)>) -> Vec<(i64, String, f64)> {
+        rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        rows
+    }
+
+    #[test]
+    fn merging_new_rows_into_a_held_frame_gives_the_order_of_a_full_sort() {
+        // A small linear congruential generator: the cases are the same on every run.
+        let mut state: u64 = 0x5C401A;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        for case in 0..200 {
+            let held_rows = next(300) as usize;
+            let new_rows = [0, 1, 2, 5, 64, 65, 200][case % 7];
+            let mut row = |i: u64| {
+                // Few distinct times, so that ties on `created` are broken by `data_id`.
+                (
+                    next(50) as i64 * 1_000_000,
+                    format!("{:08x}-{i}", next(1 << 20)),
+                    i as f64,
+                )
+            };
+            let held = sorted((0..held_rows as u64).map(&mut row).collect());
+            let new = sorted((0..new_rows as u64).map(|i| row(10_000 + i)).collect());
+            let mut all: Vec<_> = held.iter().chain(&new).cloned().collect();
+            let mut merged = merge_ordered(&frame(&held), &frame(&new)).expect("merging");
+            for round in 0..3 {
+                // Again into the result, as successive rebuilds do.
+                let more = sorted((0..2).map(|i| row(20_000 + 10 * round + i)).collect());
+                all.extend(more.iter().cloned());
+                merged = merge_ordered(&merged, &frame(&more)).expect("merging again");
+            }
+            let expected = frame(&sorted(all));
+            assert!(
+                merged.equals(&expected),
+                "case {case}: {held_rows} held, {new_rows} new\n{merged}\n{expected}"
+            );
+        }
+    }
 }
