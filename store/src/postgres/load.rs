@@ -52,15 +52,28 @@ impl PgStore {
             from.to_rfc3339(),
             to.to_rfc3339()
         );
-        let select = if after == 0 {
-            format!(
-                "SELECT r.data_id, r.source, r.created, r.received_at, r.data FROM records r WHERE {span}"
-            )
-        } else {
-            format!(
-                "SELECT r.data_id, r.source, r.created, r.received_at, r.data \
-                 FROM records r JOIN record_batches b ON b.batch = r.batch WHERE {span} AND b.seq > {after}"
-            )
+        let columns = "r.data_id, r.source, r.created, r.received_at, r.data";
+        let select = match super::shared::records::batches_after(&mut tx, after).await? {
+            // A rebuild after a few batches: read those batches' records (through their
+            // index; the span's own rows are not scanned) and keep the span's. The fence
+            // keeps the planner off the span's index however stale its statistics are.
+            Some(batches) => {
+                let list = batches
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                format!(
+                    "WITH fresh AS MATERIALIZED (SELECT {columns} , r.kind FROM records r \
+                     WHERE r.batch IN ({list})) SELECT data_id, source, created, received_at, data \
+                     FROM fresh r WHERE {span}"
+                )
+            }
+            _ if after > 0 => format!(
+                "SELECT {columns} FROM records r WHERE {span} \
+                 AND r.batch IN (SELECT batch FROM record_batches WHERE seq > {after})"
+            ),
+            _ => format!("SELECT {columns} FROM records r WHERE {span}"),
         };
         let statement = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
         {

@@ -375,6 +375,30 @@ fn hour_bounds(from: DateTime<Utc>, to: DateTime<Utc>) -> (String, String) {
     (hour(from), hour(to - chrono::Duration::microseconds(1)))
 }
 
+/// A frame behind by at most this many batches is brought up to date by reading those
+/// batches' records; one further behind, by reading its span's records above its seq.
+pub(crate) const FEW_BATCHES: i64 = 64;
+
+/// The batches whose seq is above `after` (a frame's), when there are some and at most
+/// `FEW_BATCHES`.
+pub(crate) async fn batches_after(
+    conn: &mut <Db as sqlx::Database>::Connection,
+    after: i64,
+) -> Result<Option<Vec<i64>>> {
+    if after == 0 {
+        return Ok(None);
+    }
+    let batches: Vec<i64> = sqlx::query_scalar::<Db, i64>(
+        "SELECT batch FROM record_batches WHERE seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(after)
+    .bind(FEW_BATCHES + 1)
+    .fetch_all(&mut *conn)
+    .await
+    .ctx("finding the batches after a frame")?;
+    Ok((!batches.is_empty() && batches.len() as i64 <= FEW_BATCHES).then_some(batches))
+}
+
 /// What `record_hours` says of `kind`'s records in the whole hours `[from, to)`.
 pub(crate) async fn span_summary(
     conn: &mut <Db as sqlx::Database>::Connection,

@@ -13,7 +13,8 @@ use scholia_events::store::{Batch, NewRecord, RecordRow, RecordSink, Summary, Wr
 
 use super::shared::MAX_BINDS;
 use super::shared::records::{
-    batch_kinds, existing_kinds, finish, plan, schemas_moved, span_summary, stored_schemas,
+    batch_kinds, batches_after, existing_kinds, finish, plan, schemas_moved, span_summary,
+    stored_schemas,
 };
 use super::{Db, SqliteStore};
 use crate::error::Ctx;
@@ -59,21 +60,42 @@ impl SqliteStore {
     ) -> Result<Summary> {
         let mut tx = self.pool.begin().await.ctx("beginning a read")?;
         let summary = span_summary(&mut tx, kind, from, to).await?;
+        if summary.rows == 0 || summary.max_seq <= after {
+            tx.commit().await.ctx("ending a read")?;
+            return Ok(summary);
+        }
         if after == 0 {
             sink.reserve(usize::try_from(summary.rows).unwrap_or(0));
         }
-        {
-            let mut rows = sqlx::query_as::<Db, ScanRow>(
+        let sql = match batches_after(&mut tx, after).await? {
+            // A rebuild after a few batches: read those batches' records through their
+            // index (SQLite's planner would rather scan the span's) and keep the span's.
+            Some(batches) => {
+                let list = batches
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                format!(
+                    "SELECT r.data_id, r.source, r.created, r.received_at, r.data \
+                     FROM records r INDEXED BY records_batch \
+                     WHERE r.batch IN ({list}) AND r.kind = $1 AND r.created >= $2 AND r.created < $3 \
+                     ORDER BY r.created, r.data_id"
+                )
+            }
+            None => format!(
                 "SELECT r.data_id, r.source, r.created, r.received_at, r.data \
                  FROM records r JOIN record_batches b ON b.batch = r.batch \
-                 WHERE r.kind = $1 AND r.created >= $2 AND r.created < $3 AND b.seq > $4 \
-                 ORDER BY r.created, r.data_id",
-            )
-            .bind(kind)
-            .bind(Timestamp(from))
-            .bind(Timestamp(to))
-            .bind(after)
-            .fetch(&mut *tx);
+                 WHERE r.kind = $1 AND r.created >= $2 AND r.created < $3 AND b.seq > {after} \
+                 ORDER BY r.created, r.data_id"
+            ),
+        };
+        {
+            let mut rows = sqlx::query_as::<Db, ScanRow>(sqlx::AssertSqlSafe(sql))
+                .bind(kind)
+                .bind(Timestamp(from))
+                .bind(Timestamp(to))
+                .fetch(&mut *tx);
             while let Some((data_id, source, created, received_at, data)) =
                 rows.try_next().await.ctx("reading records")?
             {
