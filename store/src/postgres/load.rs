@@ -57,12 +57,7 @@ impl PgStore {
             // A rebuild after a few batches: read those batches' records (through their
             // index; the span's own rows are not scanned) and keep the span's. The fence
             // keeps the planner off the span's index however stale its statistics are.
-            Some(batches) => {
-                let list = batches
-                    .iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
+            Some(list) => {
                 format!(
                     "WITH fresh AS MATERIALIZED (SELECT {columns} , r.kind FROM records r \
                      WHERE r.batch IN ({list})) SELECT data_id, source, created, received_at, data \

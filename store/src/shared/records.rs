@@ -379,12 +379,12 @@ fn hour_bounds(from: DateTime<Utc>, to: DateTime<Utc>) -> (String, String) {
 /// batches' records; one further behind, by reading its span's records above its seq.
 pub(crate) const FEW_BATCHES: i64 = 64;
 
-/// The batches whose seq is above `after` (a frame's), when there are some and at most
-/// `FEW_BATCHES`.
+/// The batches whose seq is above `after` (a frame's), as a list for `batch IN (…)`,
+/// when there are some and at most `FEW_BATCHES`.
 pub(crate) async fn batches_after(
     conn: &mut <Db as sqlx::Database>::Connection,
     after: i64,
-) -> Result<Option<Vec<i64>>> {
+) -> Result<Option<String>> {
     if after == 0 {
         return Ok(None);
     }
@@ -396,7 +396,11 @@ pub(crate) async fn batches_after(
     .fetch_all(&mut *conn)
     .await
     .ctx("finding the batches after a frame")?;
-    Ok((!batches.is_empty() && batches.len() as i64 <= FEW_BATCHES).then_some(batches))
+    if batches.is_empty() || batches.len() as i64 > FEW_BATCHES {
+        return Ok(None);
+    }
+    let list: Vec<String> = batches.iter().map(i64::to_string).collect();
+    Ok(Some(list.join(",")))
 }
 
 /// What `record_hours` says of `kind`'s records in the whole hours `[from, to)`.

@@ -70,12 +70,7 @@ impl SqliteStore {
         let sql = match batches_after(&mut tx, after).await? {
             // A rebuild after a few batches: read those batches' records through their
             // index (SQLite's planner would rather scan the span's) and keep the span's.
-            Some(batches) => {
-                let list = batches
-                    .iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
+            Some(list) => {
                 format!(
                     "SELECT r.data_id, r.source, r.created, r.received_at, r.data \
                      FROM records r INDEXED BY records_batch \
