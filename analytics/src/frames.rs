@@ -16,7 +16,9 @@
 //! to its highest `seq` and none above it, so "above the frame's highest `seq`" is exactly
 //! what it lacks, and a batch is wholly in an extension or wholly out of it.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
@@ -68,11 +70,21 @@ impl Source {
     }
 }
 
+/// How long a frame that was extended waits before it is written to disk. Late records
+/// come in runs (a live source sends one every few hundred milliseconds), and every
+/// extension of a day rewrote its whole file, tens of megabytes, beside the next build:
+/// one write now covers a run. A file that lags its frame is still exact (it is extended
+/// from its own summary when it is read), so the delay costs at most the catching up of
+/// what arrived in it after a restart.
+const WRITE_BEHIND: Duration = Duration::from_secs(2);
+
 /// The frame cache of one process.
 #[derive(Clone)]
 pub struct FrameCache {
     frames: Cache<Key, Arc<Entry>>,
     files: Option<Arc<FrameFiles>>,
+    /// Spans whose write to disk is waiting out `WRITE_BEHIND`.
+    writes_due: Arc<Mutex<HashSet<Key>>>,
 }
 
 impl FrameCache {
@@ -88,6 +100,7 @@ impl FrameCache {
         FrameCache {
             frames,
             files: files.map(Arc::new),
+            writes_due: Arc::default(),
         }
     }
 
@@ -125,14 +138,14 @@ impl FrameCache {
                 return Ok((input, origin));
             }
             if let Some(input) = extend(records, &entry, kind, from, to).await? {
-                self.keep(key, schema, &input).await;
+                self.keep(key, schema, &input, WRITE_BEHIND).await;
                 return Ok((input, Source::Extended));
             }
         }
         let mut builder = FrameBuilder::new(kind, schema);
         let summary = records.load(kind, from, to, 0, &mut builder).await?;
         let input = builder.finish(summary).map_err(frame_error)?;
-        self.keep(key, schema, &input).await;
+        self.keep(key, schema, &input, Duration::ZERO).await;
         Ok((input, Source::Database))
     }
 
@@ -147,8 +160,9 @@ impl FrameCache {
         }))
     }
 
-    /// Keep a freshly read frame in memory, and write it to disk in the background.
-    async fn keep(&self, key: Key, schema: &KindSchema, input: &PartitionInput) {
+    /// Keep a freshly read frame in memory, and write it to disk in the background after
+    /// `delay`: the span's newest frame then, so that writes asked for meanwhile are one.
+    async fn keep(&self, key: Key, schema: &KindSchema, input: &PartitionInput, delay: Duration) {
         if input.summary.rows == 0 {
             return;
         }
@@ -156,14 +170,30 @@ impl FrameCache {
             schema: schema.clone(),
             input: input.clone(),
         });
-        if let Some(files) = self.files.clone() {
-            let entry = entry.clone();
-            let key = key.clone();
-            tokio::task::spawn_blocking(move || {
-                files.write(&key.kind, key.from, key.to, &entry.schema, &entry.input)
-            });
+        self.frames.insert(key.clone(), entry.clone()).await;
+        let Some(files) = self.files.clone() else {
+            return;
+        };
+        if !self
+            .writes_due
+            .lock()
+            .expect("writes lock")
+            .insert(key.clone())
+        {
+            return;
         }
-        self.frames.insert(key, entry).await;
+        let frames = self.frames.clone();
+        let writes_due = self.writes_due.clone();
+        // Short-lived: it ends with its write.
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            writes_due.lock().expect("writes lock").remove(&key);
+            let newest = frames.get(&key).await.unwrap_or(entry);
+            let _ = tokio::task::spawn_blocking(move || {
+                files.write(&key.kind, key.from, key.to, &newest.schema, &newest.input)
+            })
+            .await;
+        });
     }
 }
 
