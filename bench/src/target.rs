@@ -233,6 +233,29 @@ impl Incoming {
     }
 }
 
+/// One build of the benchmark's partition, as the event log stamps it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Build {
+    pub(crate) generation: i64,
+    /// About when it was claimed: its completion less the build's own duration (which
+    /// runs from just after the claim to just before the commit).
+    pub(crate) claimed: Instant,
+    /// `analysis.started`, logged once its inputs were loaded.
+    pub(crate) started: Instant,
+    /// `analysis.completed`, logged in the commit.
+    pub(crate) completed: Instant,
+}
+
+/// An RFC 3339 time of this machine's clock as an instant of this process's clock.
+fn instant_of(at: &str) -> Result<Instant> {
+    let at = chrono::DateTime::parse_from_rfc3339(at)
+        .with_context(|| format!("the log's time {at:?} is not RFC 3339"))?;
+    let ago = (chrono::Utc::now() - at.to_utc())
+        .to_std()
+        .unwrap_or_default();
+    Ok(Instant::now() - ago)
+}
+
 /// Posts single records into the benchmark's day and reports when they were
 /// acknowledged.
 pub(crate) struct Ingestor {
@@ -283,12 +306,42 @@ impl Ingestor {
                     && e["partition"] == partition.as_str()
             });
             if let Some(at) = completed.and_then(|e| e["at"].as_str()) {
-                let at = chrono::DateTime::parse_from_rfc3339(at)
-                    .with_context(|| format!("the log's time {at:?} is not RFC 3339"))?;
-                let ago = (chrono::Utc::now() - at.to_utc())
-                    .to_std()
-                    .unwrap_or_default();
-                return Ok(Some(Instant::now() - ago));
+                return instant_of(at).map(Some);
+            }
+        }
+    }
+
+    /// The builds of the benchmark's partition completed after log position `after`,
+    /// with the server's stamps as instants of this process's clock.
+    pub(crate) async fn builds_after(&self, mut after: i64) -> Result<Vec<Build>> {
+        let partition = self.target.partition();
+        let ours = |e: &Value| {
+            e["analysis"] == self.target.analysis.as_str() && e["partition"] == partition.as_str()
+        };
+        let mut started = std::collections::HashMap::new();
+        let mut builds = Vec::new();
+        loop {
+            let events = self.log_after(after).await?;
+            let Some(last) = events.last() else {
+                return Ok(builds);
+            };
+            after = last["seq"].as_i64().unwrap_or(after);
+            for event in events.iter().filter(|e| ours(e)) {
+                let build = event["build"].as_str().unwrap_or_default().to_string();
+                let at = instant_of(event["at"].as_str().unwrap_or_default())?;
+                if event["type"] == "analysis.started" {
+                    started.insert(build, at);
+                } else if event["type"] == "analysis.completed"
+                    && let Some(&started) = started.get(&build)
+                {
+                    let took = Duration::from_millis(event["duration_ms"].as_u64().unwrap_or(0));
+                    builds.push(Build {
+                        generation: event["generation"].as_i64().unwrap_or(-1),
+                        claimed: at.checked_sub(took).unwrap_or(at).min(started),
+                        started,
+                        completed: at,
+                    });
+                }
             }
         }
     }
