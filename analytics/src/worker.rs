@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use scholia_annotation_cache::AnnotationCache;
-use scholia_events::analysis::AnalysisMeta;
+use scholia_events::analysis::{AnalysisMeta, InputSource};
 use scholia_events::bus::{Delivery, EventFilter};
 use scholia_events::status::Want;
 use scholia_events::store::{BuildRequest, Claim, Committed, NewAnnotation};
@@ -273,6 +273,17 @@ impl Workers {
             },
             Outcome::Waiting(missing) => {
                 for (upstream, partitions) in missing {
+                    // Upstream partitions already queued keep their own priority, perhaps
+                    // far behind bulk work: bring them up to this build's.
+                    if let Some((from_key, to_key)) = upstream_span(&meta, &upstream, &claim)
+                        && let Err(error) = core
+                            .store
+                            .queue
+                            .hasten(&upstream.name, &from_key, &to_key, claim.priority)
+                            .await
+                    {
+                        tracing::warn!(error = %error, "Cannot move upstream builds ahead");
+                    }
                     if partitions.is_empty() {
                         continue;
                     }
@@ -395,6 +406,26 @@ impl Workers {
             tracing::warn!(error = %e, "Cannot record a failed build; its lease will expire and it will be retried");
         }
     }
+}
+
+/// The keys `[from, to)` of the upstream partitions that the claimed partition of `meta`
+/// reads through its input `upstream` (its lookback included), as `inputs::load` reads them.
+fn upstream_span(
+    meta: &AnalysisMeta,
+    upstream: &AnalysisMeta,
+    claim: &Claim,
+) -> Option<(String, String)> {
+    let input = meta
+        .inputs
+        .iter()
+        .find(|i| i.source == InputSource::Analysis(upstream.name.clone()))?;
+    let first = upstream
+        .partition
+        .partition_of(claim.partition.start - input.lookback_duration());
+    let last = upstream
+        .partition
+        .partition_of(claim.partition.end() - chrono::Duration::microseconds(1));
+    Some((first.to_string(), last.next().to_string()))
 }
 
 fn hostname() -> String {

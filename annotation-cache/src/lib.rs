@@ -389,6 +389,26 @@ impl AnnotationCache {
         views: &[PartitionView],
         actor: &str,
     ) -> Result<Vec<PartitionKey>> {
+        // What is already queued may be queued as bulk work, far behind the rest of a
+        // rewind: someone waits for it now, so it goes ahead.
+        let queued = views
+            .iter()
+            .filter(|v| {
+                v.status == PartitionStatus::Queued || v.rebuild == Some(BuildState::Queued)
+            })
+            .map(|v| v.partition);
+        if let (Some(first), Some(last)) = (queued.clone().min(), queued.max()) {
+            self.core
+                .store
+                .queue
+                .hasten(
+                    &meta.name,
+                    &first.to_string(),
+                    &last.next().to_string(),
+                    PRIORITY_LIVE,
+                )
+                .await?;
+        }
         let wanted: Vec<PartitionKey> = views
             .iter()
             .filter(|v| v.needs_request())

@@ -407,6 +407,17 @@ pub trait BuildQueue: Send + Sync {
     /// Queue builds (coalescing with what is queued or running); returns the partitions
     /// it asked for. `Want::Present` skips partitions built by this version and current.
     async fn request(&self, request: BuildRequest) -> Result<Vec<PartitionKey>>;
+    /// Make the queued builds of `analysis` with keys in `[from_key, to_key)` at least as
+    /// urgent as `priority` (a lower number is more urgent), so that live work is not kept
+    /// behind bulk work it depends on. Queues nothing new and logs nothing; returns how
+    /// many builds it moved ahead.
+    async fn hasten(
+        &self,
+        analysis: &str,
+        from_key: &str,
+        to_key: &str,
+        priority: i32,
+    ) -> Result<u64>;
     /// Take the most urgent due partition with a lease of `lease`. A partition whose
     /// lease expired is taken over while it has had fewer than `max_attempts` builds;
     /// after that it waits for [`BuildQueue::abandon_poisoned`].

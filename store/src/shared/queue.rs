@@ -250,6 +250,30 @@ impl BuildQueue for Backend {
         Ok(partitions)
     }
 
+    async fn hasten(
+        &self,
+        analysis: &str,
+        from_key: &str,
+        to_key: &str,
+        priority: i32,
+    ) -> Result<u64> {
+        let raised = sqlx::query::<Db>(
+            "UPDATE partition_state SET priority = $1 \
+             WHERE analysis = $2 AND partition >= $3 AND partition < $4 \
+               AND state = 'queued' AND priority > $5",
+        )
+        .bind(priority)
+        .bind(analysis)
+        .bind(from_key)
+        .bind(to_key)
+        .bind(priority)
+        .execute(&self.pool)
+        .await
+        .ctx("moving queued builds ahead")?
+        .rows_affected();
+        Ok(raised)
+    }
+
     async fn claim(
         &self,
         owner: &str,
