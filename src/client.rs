@@ -547,8 +547,13 @@ pub(crate) async fn lineage(data_id: &str) -> Result<()> {
         lineage["kind"], lineage["partition"]
     );
     for a in lineage["annotations"].as_array().into_iter().flatten() {
+        // Built from an upstream analysis' annotations rather than from the record itself.
+        let via = match a["via"].as_str() {
+            Some(upstream) => format!(" via {upstream}"),
+            None => String::new(),
+        };
         println!(
-            "  {} v{} partition {} generation {} computed {}",
+            "  {} v{} partition {} generation {} computed {}{via}",
             a["analysis"].as_str().unwrap_or(""),
             a["version"],
             a["partition"].as_str().unwrap_or(""),

@@ -352,116 +352,747 @@ both_backends!(
     }
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_graph_refuses_cycles_and_unknown_inputs_and_lineage_follows_it() {
-    let Some(d) = Deployment::new(Backend::Sqlite, "graph_rules").await else {
-        return;
-    };
-    let app = d.start().await;
-    register_flag(&app).await;
-    let (status, info) = app
-        .put(
-            "/v1/analyses/flag_count",
-            ADMIN,
-            &json!({"inputs": [{"analysis": "daily_flag"}], "sql": "SELECT COUNT(*) AS flagged FROM daily_flag WHERE high"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{info}");
-    // daily_flag reading flag_count would close a cycle.
-    let (status, problem) = app
-        .put(
-            "/v1/analyses/daily_flag",
-            ADMIN,
-            &json!({"inputs": [{"analysis": "daily_avg"}, {"analysis": "flag_count"}], "sql": "SELECT * FROM daily_avg"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
-    let detail = problem["detail"].as_str().unwrap();
-    assert!(
-        detail.contains("cycle") && detail.contains("daily_flag → flag_count → daily_flag"),
-        "{detail}"
-    );
-    let (status, problem) = app
-        .put(
-            "/v1/analyses/orphan",
-            ADMIN,
-            &json!({"inputs": [{"analysis": "no_such_analysis"}], "sql": "SELECT 1 AS one"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
-    assert!(
-        problem["detail"]
-            .as_str()
-            .unwrap()
-            .contains("no_such_analysis"),
-        "{problem}"
-    );
+both_backends!(
+    the_graph_refuses_cycles_and_unknown_inputs_and_lineage_follows_it,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        register_flag(&app).await;
+        let (status, info) = app
+            .put(
+                "/v1/analyses/flag_count",
+                ADMIN,
+                &json!({"inputs": [{"analysis": "daily_flag"}], "sql": "SELECT COUNT(*) AS flagged FROM daily_flag WHERE high"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        // daily_flag reading flag_count would close a cycle.
+        let (status, problem) = app
+            .put(
+                "/v1/analyses/daily_flag",
+                ADMIN,
+                &json!({"inputs": [{"analysis": "daily_avg"}, {"analysis": "flag_count"}], "sql": "SELECT * FROM daily_avg"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("cycle") && detail.contains("daily_flag → flag_count → daily_flag"),
+            "{detail}"
+        );
+        let (status, problem) = app
+            .put(
+                "/v1/analyses/orphan",
+                ADMIN,
+                &json!({"inputs": [{"analysis": "no_such_analysis"}], "sql": "SELECT 1 AS one"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("no_such_analysis"),
+            "{problem}"
+        );
 
-    // A record, through two levels.
-    let traced = generation("z", "2024-11-20T12:00:00Z", json!(500.0));
-    let id = traced["data_id"].as_str().unwrap().to_string();
-    ingest_ok(&app, &[traced]).await;
-    let body = app
-        .annotations("flag_count", "2024-11-20", "2024-11-21", 30)
-        .await;
-    assert_eq!(
-        partitions_of(&body)["2024-11-20"]["rows"],
-        json!([{"flagged": 1}]),
-        "{body}"
-    );
-    let lineage = eventually(
-        Duration::from_secs(10),
-        "lineage through two levels",
-        || async {
-            let (status, body) = app.get(&format!("/v1/lineage/{id}"), ADMIN).await;
-            assert_eq!(status, StatusCode::OK, "{body}");
-            let listed: BTreeSet<(String, Option<String>)> = body["annotations"]
-                .as_array()?
-                .iter()
-                .map(|a| {
-                    (
-                        a["analysis"].as_str().unwrap().to_string(),
-                        a["via"].as_str().map(str::to_string),
-                    )
-                })
-                .collect();
-            listed
-                .contains(&("flag_count".to_string(), Some("daily_flag".to_string())))
-                .then_some(listed)
-        },
-    )
-    .await;
-    assert!(
-        lineage.contains(&("daily_avg".to_string(), None)),
-        "{lineage:?}"
-    );
-    assert!(
-        lineage.contains(&("daily_flag".to_string(), Some("daily_avg".to_string()))),
-        "{lineage:?}"
-    );
-
-    // A new version upstream is a new version downstream.
-    let (_, before) = app.get("/v1/analyses/flag_count", ADMIN).await;
-    let (status, _) = app
-        .put(
-            "/v1/analyses/daily_flag",
-            ADMIN,
-            &json!({"inputs": [{"analysis": "daily_avg"}], "sql": "SELECT source, partition, avg_mw > 200.0 AS high FROM daily_avg"}),
+        // A record, through two levels.
+        let traced = generation("z", "2024-11-20T12:00:00Z", json!(500.0));
+        let id = traced["data_id"].as_str().unwrap().to_string();
+        ingest_ok(&app, &[traced]).await;
+        let body = app
+            .annotations("flag_count", "2024-11-20", "2024-11-21", 30)
+            .await;
+        assert_eq!(
+            partitions_of(&body)["2024-11-20"]["rows"],
+            json!([{"flagged": 1}]),
+            "{body}"
+        );
+        let lineage = eventually(
+            Duration::from_secs(10),
+            "lineage through two levels",
+            || async {
+                let (status, body) = app.get(&format!("/v1/lineage/{id}"), ADMIN).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                let listed: BTreeSet<(String, Option<String>)> = body["annotations"]
+                    .as_array()?
+                    .iter()
+                    .map(|a| {
+                        (
+                            a["analysis"].as_str().unwrap().to_string(),
+                            a["via"].as_str().map(str::to_string),
+                        )
+                    })
+                    .collect();
+                listed
+                    .contains(&("flag_count".to_string(), Some("daily_flag".to_string())))
+                    .then_some(listed)
+            },
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
-    let (_, after) = app.get("/v1/analyses/flag_count", ADMIN).await;
-    assert_eq!(
-        after["version"],
-        before["version"].as_i64().unwrap() + 1,
-        "{after}"
+        assert!(
+            lineage.contains(&("daily_avg".to_string(), None)),
+            "{lineage:?}"
+        );
+        assert!(
+            lineage.contains(&("daily_flag".to_string(), Some("daily_avg".to_string()))),
+            "{lineage:?}"
+        );
+
+        // A new version upstream is a new version downstream.
+        let (_, before) = app.get("/v1/analyses/flag_count", ADMIN).await;
+        let (status, _) = app
+            .put(
+                "/v1/analyses/daily_flag",
+                ADMIN,
+                &json!({"inputs": [{"analysis": "daily_avg"}], "sql": "SELECT source, partition, avg_mw > 200.0 AS high FROM daily_avg"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, after) = app.get("/v1/analyses/flag_count", ADMIN).await;
+        assert_eq!(
+            after["version"],
+            before["version"].as_i64().unwrap() + 1,
+            "{after}"
+        );
+        let body = app
+            .annotations("flag_count", "2024-11-20", "2024-11-21", 0)
+            .await;
+        assert_eq!(
+            partitions_of(&body)["2024-11-20"]["status"],
+            "stale",
+            "{body}"
+        );
+    }
+);
+
+/// Run the real `scholia` command line against `app`; returns its stdout, after checking
+/// that it succeeded.
+async fn scholia_cli(app: &TestApp, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let base = app.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_scholia"))
+            .args(&args)
+            .env("SCHOLIA_URL", &base)
+            .env("SCHOLIA_TOKEN", ADMIN)
+            .output()
+            .expect("running the scholia command line")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{}: {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
     );
-    let body = app
-        .annotations("flag_count", "2024-11-20", "2024-11-21", 0)
-        .await;
-    assert_eq!(
-        partitions_of(&body)["2024-11-20"]["status"],
-        "stale",
-        "{body}"
-    );
+    stdout
 }
+
+both_backends!(
+    scholia_lineage_prints_the_upstream_analysis_each_annotation_was_built_through,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        register_flag(&app).await;
+        let traced = generation("y", "2024-11-20T08:00:00Z", json!(120.0));
+        let id = traced["data_id"].as_str().unwrap().to_string();
+        ingest_ok(&app, &[traced]).await;
+        let body = app
+            .annotations("daily_flag", "2024-11-20", "2024-11-21", 30)
+            .await;
+        assert_eq!(
+            partitions_of(&body)["2024-11-20"]["status"],
+            "ready",
+            "{body}"
+        );
+        let stdout = eventually(
+            Duration::from_secs(10),
+            "scholia lineage to list the downstream annotation",
+            || async {
+                let stdout = scholia_cli(&app, &["lineage", &id]).await;
+                stdout
+                    .lines()
+                    .any(|l| l.trim_start().starts_with("daily_flag "))
+                    .then_some(stdout)
+            },
+        )
+        .await;
+        let line_of = |analysis: &str| {
+            stdout
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{analysis} ")))
+                .unwrap_or_else(|| panic!("no {analysis} line in:\n{stdout}"))
+                .to_string()
+        };
+        let flag = line_of("daily_flag");
+        assert!(
+            flag.contains("partition 2024-11-20 generation 1") && flag.ends_with(" via daily_avg"),
+            "{stdout}"
+        );
+        let avg = line_of("daily_avg");
+        assert!(
+            avg.contains("partition 2024-11-20") && !avg.contains(" via "),
+            "built from the record itself: {stdout}"
+        );
+    }
+);
+
+both_backends!(
+    invalidating_with_no_cascade_leaves_the_downstream_out_of_the_plan,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let records: Vec<Value> = ["2024-11-01", "2024-11-02", "2024-11-03"]
+            .iter()
+            .enumerate()
+            .map(|(i, day)| {
+                generation(
+                    "c",
+                    &format!("{day}T06:00:00Z"),
+                    json!(90.0 + i as f64 * 10.0),
+                )
+            })
+            .collect();
+        ingest_ok(&app, &records).await;
+        register_flag(&app).await;
+        let body = app
+            .annotations("daily_flag", "2024-11-01", "2024-11-04", 30)
+            .await;
+        assert!(
+            partitions_of(&body)
+                .values()
+                .all(|p| p["status"] == "ready"),
+            "{body}"
+        );
+        let range = ["--from", "2024-11-01", "--to", "2024-11-04"];
+        let args = |extra: &[&'static str]| {
+            let mut args = vec!["invalidate", "daily_avg"];
+            args.extend(range);
+            args.extend(extra);
+            args
+        };
+
+        // The plans, side by side.
+        let alone = scholia_cli(&app, &args(&["--dry-run", "--no-cascade"])).await;
+        assert!(
+            alone.contains("daily_avg (version 1): 3 partitions"),
+            "{alone}"
+        );
+        assert!(!alone.contains("daily_flag"), "{alone}");
+        assert!(alone.contains("Would rebuild 3 partitions"), "{alone}");
+        let cascading = scholia_cli(&app, &args(&["--dry-run"])).await;
+        assert!(
+            cascading.contains("daily_flag (version 1): 3 partitions"),
+            "{cascading}"
+        );
+        assert!(
+            cascading.contains("Would rebuild 6 partitions"),
+            "{cascading}"
+        );
+
+        // And done: the command line follows each to its end.
+        let id_of = |stdout: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("Invalidation "))
+                .unwrap_or_else(|| panic!("no invalidation id in {stdout}"))
+                .trim()
+                .to_string()
+        };
+        for (extra, total) in [(&["--no-cascade"][..], 3), (&[][..], 6)] {
+            let stdout = scholia_cli(&app, &args(extra)).await;
+            assert!(
+                stdout.contains(&format!("Rebuilt {total} partitions.")),
+                "{extra:?}: {stdout}"
+            );
+            let (status, progress) = app
+                .get(&format!("/v1/invalidations/{}", id_of(&stdout)), ADMIN)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{progress}");
+            assert_eq!(progress["partitions_total"], total, "{extra:?}: {progress}");
+            assert_eq!(progress["partitions_done"], total, "{extra:?}: {progress}");
+        }
+    }
+);
+
+both_backends!(
+    a_daily_analysis_over_an_hourly_one_reads_its_day_s_24_hours_with_their_keys,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        // Every hour of the day, and the hours either side of it, which it must not read.
+        let start = chrono::NaiveDate::from_ymd_opt(2024, 11, 20)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap();
+        let mut records = Vec::new();
+        for h in -3..27 {
+            let hour = start + chrono::Duration::hours(h);
+            for (minute, source) in [(5, "p"), (40, "p"), (20, "q")] {
+                let at = hour + chrono::Duration::minutes(minute);
+                records.push(generation(
+                    source,
+                    &at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    json!(10.0 * h as f64 + minute as f64),
+                ));
+            }
+        }
+        ingest_ok(&app, &records).await;
+        let (status, info) = app
+            .put(
+                "/v1/analyses/hourly_total",
+                ADMIN,
+                &json!({"kind": "generation", "partition": "1h",
+                    "sql": "SELECT source, COUNT(*) AS readings, SUM(output_mw) AS total_mw FROM events GROUP BY source ORDER BY source"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        let (status, info) = app
+            .put(
+                "/v1/analyses/daily_of_hours",
+                ADMIN,
+                &json!({"inputs": [{"analysis": "hourly_total"}], "partition": "1d",
+                    "sql": "SELECT partition, source, readings, total_mw FROM hourly_total ORDER BY partition, source"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+
+        let body = app
+            .annotations("daily_of_hours", "2024-11-20", "2024-11-21", 60)
+            .await;
+        let part = partitions_of(&body)["2024-11-20"].clone();
+        assert_eq!(part["status"], "ready", "{body}");
+        // Computed here: per hour key and source, from what was sent on that day.
+        let mut expected: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
+        for r in &records {
+            let created = r["created"].as_str().unwrap();
+            if !created.starts_with("2024-11-20") {
+                continue;
+            }
+            let e = expected
+                .entry((
+                    created[..13].to_string(),
+                    r["source"].as_str().unwrap().to_string(),
+                ))
+                .or_default();
+            e.0 += 1;
+            e.1 += r["data"]["output_mw"].as_f64().unwrap();
+        }
+        let rows = part["rows"].as_array().unwrap();
+        let keys: BTreeSet<&str> = rows
+            .iter()
+            .map(|r| r["partition"].as_str().unwrap())
+            .collect();
+        let hours: BTreeSet<String> = (0..24).map(|h| format!("2024-11-20T{h:02}")).collect();
+        assert_eq!(
+            keys,
+            hours.iter().map(String::as_str).collect(),
+            "the day's 24 upstream partitions, by key: {part}"
+        );
+        assert_eq!(rows.len(), expected.len(), "{part}");
+        for row in rows {
+            let key = (
+                row["partition"].as_str().unwrap().to_string(),
+                row["source"].as_str().unwrap().to_string(),
+            );
+            let (readings, total) = expected[&key];
+            assert_eq!(row["readings"], readings, "{row}");
+            assert!(close(row["total_mw"].as_f64(), Some(total)), "{row}");
+        }
+    }
+);
+
+both_backends!(
+    a_late_record_before_midnight_rebuilds_its_day_and_the_next_day_that_looks_back_at_it,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let days = ["2024-11-25", "2024-11-26", "2024-11-27"];
+        let mut records = Vec::new();
+        for (d, day) in days.iter().enumerate() {
+            for hour in 0..24 {
+                records.push(generation(
+                    "m",
+                    &format!("{day}T{hour:02}:10:00Z"),
+                    json!(200.0 + (d * 24 + hour) as f64),
+                ));
+            }
+        }
+        ingest_ok(&app, &records).await;
+        let before = partitions_of(
+            &app.annotations("hourly_moving_avg", "2024-11-25", "2024-11-28", 30)
+                .await,
+        );
+        assert!(
+            before.values().all(|p| p["status"] == "ready"),
+            "{before:?}"
+        );
+        let row_at = |part: &Value, hour: &str| {
+            part["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["hour"].as_str().unwrap().starts_with(hour))
+                .unwrap_or_else(|| panic!("no row for {hour} in {part}"))
+                .clone()
+        };
+        // 00:00 averages 22:00 and 23:00 of the day before with itself: (222 + 223 + 224) / 3.
+        assert!(
+            close(
+                row_at(&before["2024-11-26"], "2024-11-26T00")["moving_avg_mw"].as_f64(),
+                Some(223.0)
+            ),
+            "{}",
+            before["2024-11-26"]
+        );
+
+        // Late, at 23:40 of the first day: the 23:00 hour's mean becomes (223 + 323) / 2.
+        ingest_ok(
+            &app,
+            &[generation("m", "2024-11-25T23:40:00Z", json!(323.0))],
+        )
+        .await;
+        let g =
+            |parts: &BTreeMap<String, Value>, day: &str| parts[day]["generation"].as_i64().unwrap();
+        let after = eventually(
+            Duration::from_secs(20),
+            "the late record's day and the day after to be rebuilt",
+            || async {
+                let after = partitions_of(
+                    &app.annotations("hourly_moving_avg", "2024-11-25", "2024-11-28", 0)
+                        .await,
+                );
+                (days[..2].iter().all(|day| {
+                    after[*day]["status"] == "ready" && g(&after, day) > g(&before, day)
+                }))
+                .then_some(after)
+            },
+        )
+        .await;
+        let late_hour = (223.0 + 323.0) / 2.0;
+        for (day, hour, expected) in [
+            (
+                "2024-11-25",
+                "2024-11-25T23",
+                (221.0 + 222.0 + late_hour) / 3.0,
+            ),
+            (
+                "2024-11-26",
+                "2024-11-26T00",
+                (222.0 + late_hour + 224.0) / 3.0,
+            ),
+            (
+                "2024-11-26",
+                "2024-11-26T01",
+                (late_hour + 224.0 + 225.0) / 3.0,
+            ),
+            ("2024-11-26", "2024-11-26T02", (224.0 + 225.0 + 226.0) / 3.0),
+        ] {
+            let row = row_at(&after[day], hour);
+            assert!(
+                close(row["moving_avg_mw"].as_f64(), Some(expected)),
+                "{hour}: {row}, expected {expected}"
+            );
+        }
+        // Settled: the late record's day and the next once each, the third day untouched.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let settled = partitions_of(
+            &app.annotations("hourly_moving_avg", "2024-11-25", "2024-11-28", 0)
+                .await,
+        );
+        for day in &days[..2] {
+            assert_eq!(
+                g(&settled, day),
+                g(&before, day) + 1,
+                "{day}: {}",
+                settled[*day]
+            );
+        }
+        assert_eq!(
+            settled["2024-11-27"]["computed_at"], before["2024-11-27"]["computed_at"],
+            "the third day does not read the first"
+        );
+        assert_eq!(g(&settled, "2024-11-27"), g(&before, "2024-11-27"));
+    }
+);
+
+/// One generation record a day from `start`, for `days` days.
+fn one_a_day(start: chrono::NaiveDate, days: i64) -> Vec<Value> {
+    (0..days)
+        .map(|i| {
+            let day = start + chrono::Duration::days(i);
+            generation("c", &format!("{day}T05:00:00Z"), json!(i as f64))
+        })
+        .collect()
+}
+
+/// Every `analysis.started` event after `after`, as (analysis, partition).
+async fn started_after(app: &TestApp, after: i64) -> Vec<(String, String)> {
+    log_after(app, after)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "analysis.started")
+        .map(|e| {
+            (
+                e["analysis"].as_str().unwrap().to_string(),
+                e["partition"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+both_backends!(
+    cancelling_an_eager_cascade_mid_run_stops_both_levels_with_the_counts_right,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let start = chrono::NaiveDate::from_ymd_opt(2024, 8, 1).unwrap();
+        ingest_ok(&app, &one_a_day(start, 90)).await;
+        register_flag(&app).await;
+        let id = invalidate(&app, "daily_avg", "2024-08-01", "2024-10-30", "eager").await;
+        let path = format!("/v1/invalidations/{id}");
+        let under_way = eventually(
+            Duration::from_secs(60),
+            "the cascade to have rebuilt a few partitions",
+            || async {
+                let (_, progress) = app.get(&path, ADMIN).await;
+                (progress["partitions_done"].as_i64()? >= 2).then_some(progress)
+            },
+        )
+        .await;
+        assert_eq!(under_way["partitions_total"], 180, "{under_way}");
+
+        let (status, cancelled) = app
+            .send_json(reqwest::Method::DELETE, &path, ADMIN, &json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{cancelled}");
+        assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+        let at_cancel = log_head(&app).await;
+        let done = cancelled["partitions_done"].as_i64().unwrap();
+        assert!(
+            done < 180 && cancelled["partitions_cancelled"].as_i64().unwrap() > 0,
+            "cancelled mid-run: {cancelled}"
+        );
+
+        // Builds already under way may finish (and the downstream days of upstream days
+        // they rebuilt follow); nothing else of the plan starts.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let finishing = started_after(&app, at_cancel).await;
+        assert!(
+            finishing.len() <= 4,
+            "{} builds started after the cancel: {finishing:?}",
+            finishing.len()
+        );
+        let quiet_from = log_head(&app).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let later = started_after(&app, quiet_from).await;
+        assert!(
+            later.is_empty(),
+            "builds started after the cancel settled: {later:?}"
+        );
+
+        let (_, settled) = app.get(&path, ADMIN).await;
+        assert_eq!(settled["state"], "cancelled", "{settled}");
+        assert_eq!(settled["partitions_failed"], 0, "{settled}");
+        let count = |k: &str| settled[k].as_i64().unwrap();
+        assert_eq!(
+            count("partitions_done") + count("partitions_failed") + count("partitions_cancelled"),
+            count("partitions_total"),
+            "{settled}"
+        );
+        assert_eq!(count("partitions_total"), 180, "{settled}");
+        assert!(count("partitions_cancelled") > 0, "{settled}");
+    }
+);
+
+both_backends!(
+    a_burst_into_an_upstream_day_costs_a_handful_of_rebuilds_at_each_level,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let day = "2024-11-12";
+        ingest_ok(
+            &app,
+            &[
+                generation("a", &format!("{day}T01:00:00Z"), json!(50.0)),
+                generation("a", &format!("{day}T02:00:00Z"), json!(70.0)),
+            ],
+        )
+        .await;
+        register_flag(&app).await;
+        let generations = |analysis: &'static str| {
+            let app = &app;
+            async move {
+                let body = app.annotations(analysis, day, "2024-11-13", 0).await;
+                partitions_of(&body)[day].clone()
+            }
+        };
+        let body = app.annotations("daily_flag", day, "2024-11-13", 30).await;
+        assert_eq!(partitions_of(&body)[day]["status"], "ready", "{body}");
+        let up0 = generations("daily_avg").await["generation"]
+            .as_i64()
+            .unwrap();
+        let down0 = generations("daily_flag").await["generation"]
+            .as_i64()
+            .unwrap();
+
+        // 100 posts of one record each, eight at a time (within the service's limit of
+        // batches in flight).
+        use futures::StreamExt;
+        let posts = futures::stream::iter(0..100)
+            .map(|n| {
+                let record = generation(
+                    "b",
+                    &format!("{day}T{:02}:{:02}:00Z", n % 24, n % 60),
+                    json!(n as f64),
+                );
+                let app = &app;
+                async move { app.ingest(ADMIN, &[record]).await }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await;
+        for (status, body) in posts {
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["accepted"], 1, "{body}");
+        }
+        eventually(
+            Duration::from_secs(30),
+            "the burst to reach the downstream day",
+            || async {
+                let part = generations("daily_flag").await;
+                let all = part["rows"]
+                    .as_array()?
+                    .iter()
+                    .any(|r| r["source"] == "b" && r["readings"] == 100);
+                (part["status"] == "ready" && all).then_some(())
+            },
+        )
+        .await;
+        // Settled, then counted.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let up = generations("daily_avg").await;
+        let down = generations("daily_flag").await;
+        assert_eq!(
+            (&up["status"], &down["status"]),
+            (&json!("ready"), &json!("ready"))
+        );
+        let up_rebuilds = up["generation"].as_i64().unwrap() - up0;
+        let down_rebuilds = down["generation"].as_i64().unwrap() - down0;
+        eprintln!(
+            "100 single-record posts: {up_rebuilds} upstream and {down_rebuilds} downstream rebuilds"
+        );
+        assert!(
+            (1..=10).contains(&up_rebuilds) && (1..=10).contains(&down_rebuilds),
+            "100 posts cost {up_rebuilds} upstream and {down_rebuilds} downstream rebuilds, not a handful"
+        );
+        let b = up["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["source"] == "b")
+            .cloned()
+            .unwrap();
+        assert!(close(b["avg_mw"].as_f64(), Some(49.5)), "{b}");
+    }
+);
+
+/// POST an eager invalidation of `analysis` alone (no cascade) and return its id.
+async fn invalidate_alone(app: &TestApp, analysis: &str, from: &str, to: &str) -> String {
+    let (status, body) = app
+        .post(
+            "/v1/invalidations",
+            ADMIN,
+            &json!({"analysis": analysis, "from": from, "to": to, "reason": "test", "rebuild": "eager", "cascade": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+both_backends!(
+    a_live_read_of_a_downstream_day_pulls_its_upstream_ahead_of_bulk_work,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let start = chrono::NaiveDate::from_ymd_opt(2023, 1, 1).unwrap();
+        let days = 400;
+        ingest_ok(&app, &one_a_day(start, days)).await;
+        register_flag(&app).await;
+        let last = start + chrono::Duration::days(days - 1);
+        let after_last = last + chrono::Duration::days(1);
+        // Bulk work over every upstream day; the last day's queued after all the others,
+        // so that bulk work reaches it last.
+        let bulk = invalidate_alone(&app, "daily_avg", &start.to_string(), &last.to_string()).await;
+        let tail = invalidate_alone(
+            &app,
+            "daily_avg",
+            &last.to_string(),
+            &after_last.to_string(),
+        )
+        .await;
+
+        // Someone reads the downstream of that last day.
+        let body = app
+            .annotations("daily_flag", &last.to_string(), &after_last.to_string(), 60)
+            .await;
+        let (_, progress) = app.get(&format!("/v1/invalidations/{bulk}"), ADMIN).await;
+        let part = partitions_of(&body)[&last.to_string()].clone();
+        assert_eq!(part["status"], "ready", "{body}");
+        assert_eq!(
+            part["rows"],
+            json!([{"source": "c", "partition": last.to_string(), "high": true, "readings": 1}]),
+            "{part}"
+        );
+        assert_eq!(progress["partitions_total"], days - 1, "{progress}");
+        let done = progress["partitions_done"].as_i64().unwrap();
+        assert!(
+            done < (days - 1) / 2,
+            "the live read waited for {done} of {} bulk builds: {progress}",
+            days - 1
+        );
+        let (_, tail) = app.get(&format!("/v1/invalidations/{tail}"), ADMIN).await;
+        assert_eq!(tail["state"], "done", "{tail}");
+        invalidation_reaches(&app, &bulk, "done", Duration::from_secs(120)).await;
+    }
+);
+
+both_backends!(
+    a_live_read_of_a_day_queued_behind_bulk_work_moves_it_ahead,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let start = chrono::NaiveDate::from_ymd_opt(2023, 1, 1).unwrap();
+        let days = 400;
+        ingest_ok(&app, &one_a_day(start, days)).await;
+        let last = start + chrono::Duration::days(days - 1);
+        let after_last = last + chrono::Duration::days(1);
+        // One bulk rewind over every day: the last day queued as bulk work, behind the rest.
+        let bulk = invalidate_alone(
+            &app,
+            "daily_avg",
+            &start.to_string(),
+            &after_last.to_string(),
+        )
+        .await;
+
+        // Someone reads that last day and waits: it goes ahead of the bulk work.
+        let body = app
+            .annotations("daily_avg", &last.to_string(), &after_last.to_string(), 60)
+            .await;
+        let (_, progress) = app.get(&format!("/v1/invalidations/{bulk}"), ADMIN).await;
+        let part = partitions_of(&body)[&last.to_string()].clone();
+        assert_eq!(part["status"], "ready", "{body}");
+        assert_eq!(part["rows"][0]["readings"], 1, "{part}");
+        assert_eq!(progress["partitions_total"], days, "{progress}");
+        let done = progress["partitions_done"].as_i64().unwrap();
+        assert!(
+            done < days / 2,
+            "the live read waited for {done} of {days} bulk builds: {progress}"
+        );
+        invalidation_reaches(&app, &bulk, "done", Duration::from_secs(120)).await;
+    }
+);
