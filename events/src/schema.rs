@@ -82,6 +82,13 @@ pub struct FieldSpec {
     pub declared: bool,
 }
 
+/// The most fields a kind may have, learned and declared together. A kind's fields
+/// become columns of every analysis that reads it, and a declaration of them travels as
+/// one event, so a record that would bring its kind past this is quarantined and a
+/// declaration past it refused. Field names are at most 256 bytes, so a declaration of
+/// this many fields is an event of at most about 530 KB, inside the bus's 1 MiB.
+pub const MAX_FIELDS: usize = 1_000;
+
 /// The fields of a kind, by name. Stored and shown as a map from field name to spec.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
@@ -116,8 +123,20 @@ impl<'de> Deserialize<'de> for KindSchema {
 }
 
 impl KindSchema {
-    /// Whether `data` fits the schema; the error names the field and both types.
+    /// Whether `data` fits the schema; the error names the field and both types, or says
+    /// that the fields `data` would add bring the kind past [`MAX_FIELDS`].
     pub fn check(&self, data: &Map<String, Value>) -> Result<(), String> {
+        // Only non-null values teach a field (see `learn`).
+        let new = data
+            .iter()
+            .filter(|(field, value)| !value.is_null() && !self.fields.contains_key(*field))
+            .count();
+        if new > 0 && self.fields.len() + new > MAX_FIELDS {
+            return Err(format!(
+                "this record would give its kind {} fields, more than the {MAX_FIELDS} a kind may have; put related values in one field holding an object or array, or send them as another kind",
+                self.fields.len() + new
+            ));
+        }
         for (field, value) in data {
             let Some(spec) = self.fields.get(field) else {
                 continue;
@@ -182,6 +201,15 @@ impl KindSchema {
             }
         }
         changed
+    }
+
+    /// How many fields the kind would have with `names` declared too.
+    pub fn fields_with<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> usize {
+        self.fields.len()
+            + names
+                .into_iter()
+                .filter(|name| !self.fields.contains_key(*name))
+                .count()
     }
 
     /// Declare field types; a declaration replaces what was learned or declared before.
@@ -286,6 +314,32 @@ mod tests {
         assert!(error.contains("\"v\" must be a float (learned"), "{error}");
         assert!(error.contains("a string (\"three\")"), "{error}");
         assert!(!schema.learn(&data(json!({"v": 1}))));
+    }
+
+    #[test]
+    fn a_record_that_would_bring_its_kind_past_the_field_limit_does_not_fit() {
+        let wide = |from: usize, to: usize| -> Map<String, Value> {
+            (from..to).map(|i| (format!("f{i}"), json!(1))).collect()
+        };
+        let mut schema = KindSchema::default();
+        let error = schema.check(&wide(0, MAX_FIELDS + 1)).unwrap_err();
+        assert!(
+            error.contains("1001 fields, more than the 1000 a kind may have"),
+            "{error}"
+        );
+        assert!(schema.check(&wide(0, MAX_FIELDS)).is_ok());
+        schema.learn(&wide(0, MAX_FIELDS - 1));
+        assert!(schema.check(&wide(0, MAX_FIELDS)).is_ok(), "one more fits");
+        assert!(schema.check(&wide(MAX_FIELDS, MAX_FIELDS + 2)).is_err());
+        // Known fields and nulls add nothing.
+        let mut known = wide(0, 10);
+        known.insert("later".into(), Value::Null);
+        known.insert("more".into(), Value::Null);
+        assert!(schema.check(&known).is_ok());
+        assert_eq!(
+            schema.fields_with(&["f1".to_string(), "g".to_string()]),
+            1_000
+        );
     }
 
     #[test]

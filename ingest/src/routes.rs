@@ -23,7 +23,7 @@ use utoipa::{IntoParams, OpenApi, PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use scholia_events::envelope::format_time;
-use scholia_events::schema::{FieldSpec, FieldType, column_name};
+use scholia_events::schema::{FieldSpec, FieldType, MAX_FIELDS, column_name};
 use scholia_events::store::{Batch, KindInfo, Quarantined};
 use scholia_events::token::{self, Scope, Token};
 use scholia_http::{
@@ -572,7 +572,8 @@ async fn list_kinds(
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"fields": {"output_mw": "float"}}))]
 struct KindDeclaration {
-    /// Field names are 1 to 256 characters, without control characters.
+    /// Field names are 1 to 256 characters, without control characters; a kind has at
+    /// most 1,000 fields, learned and declared together.
     fields: BTreeMap<String, FieldType>,
 }
 
@@ -606,6 +607,15 @@ async fn put_kind(
     {
         return Err(ApiError::invalid(format!(
             "Field name {name:?} must be 1 to 256 characters long, without control characters."
+        )));
+    }
+    let fields = state
+        .kinds
+        .schema(&kind)
+        .fields_with(declaration.fields.keys());
+    if fields > MAX_FIELDS {
+        return Err(ApiError::invalid(format!(
+            "This declaration would give kind {kind:?} {fields} fields, more than the {MAX_FIELDS} a kind may have. Declare fewer fields, or put related values in one field of type json."
         )));
     }
     let info = state

@@ -713,3 +713,109 @@ both_backends!(
         .await;
     }
 );
+
+both_backends!(
+    a_record_that_would_bring_its_kind_past_1000_fields_is_quarantined_and_the_good_ones_kept,
+    |d: Deployment| async move {
+        let app = d.start().await;
+        let wide = |from: usize, to: usize| -> Value {
+            let data: serde_json::Map<String, Value> = (from..to)
+                .map(|i| (format!("sensor_{i:04}"), json!(1.5)))
+                .collect();
+            tick("2024-10-09T10:00:00Z", Value::Object(data))
+        };
+        let errors = |body: &Value| -> Vec<String> {
+            body["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["error"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // One record of 1,500 fields between two good ones.
+        let (status, body) = app
+            .ingest(
+                ADMIN,
+                &[
+                    tick("2024-10-09T10:00:00Z", json!({"v": 1})),
+                    wide(0, 1_500),
+                    tick("2024-10-09T11:00:00Z", json!({"v": 2})),
+                ],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            (&body["accepted"], &body["quarantined"]),
+            (&json!(2), &json!(1))
+        );
+        assert_eq!(body["errors"][0]["line"], 2, "{body}");
+        let error = errors(&body)[0].clone();
+        assert!(
+            error.contains("1501 fields, more than the 1000 a kind may have")
+                && error.contains("one field holding an object or array"),
+            "{error}"
+        );
+
+        // Up to the limit, records teach their fields; one past it is quarantined, and a
+        // record of known fields still fits.
+        let (status, body) = app
+            .ingest(
+                ADMIN,
+                &[
+                    wide(0, 999),
+                    wide(999, 1_000),
+                    tick("2024-10-09T12:00:00Z", json!({"v": 3, "sensor_0005": 2.0})),
+                ],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            (&body["accepted"], &body["quarantined"]),
+            (&json!(2), &json!(1))
+        );
+        assert_eq!(body["errors"][0]["line"], 2, "{body}");
+        assert!(errors(&body)[0].contains("1001 fields"), "{body}");
+        let (_, kinds) = app.get("/v1/kinds", ADMIN).await;
+        let tick_kind = kinds["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kind"] == "tick")
+            .unwrap()
+            .clone();
+        assert_eq!(tick_kind["fields"].as_object().unwrap().len(), 1_000);
+        let (status, quarantine) = app.get("/v1/quarantine", ADMIN).await;
+        assert_eq!(status, StatusCode::OK, "{quarantine}");
+        assert!(
+            quarantine.to_string().contains("a kind may have"),
+            "{quarantine}"
+        );
+
+        // A declaration is held to the same limit, and names what to do.
+        let (status, body) = app
+            .put(
+                "/v1/kinds/tick",
+                ADMIN,
+                &json!({"fields": {"one_more": "float"}}),
+            )
+            .await;
+        assert!(status.is_client_error(), "{status} {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("1001 fields, more than the 1000") && detail.contains("Declare fewer"),
+            "{body}"
+        );
+        let fields: serde_json::Map<String, Value> = (0..1_001)
+            .map(|i| (format!("f{i}"), json!("float")))
+            .collect();
+        let (status, body) = app
+            .put("/v1/kinds/fresh", ADMIN, &json!({"fields": fields}))
+            .await;
+        assert!(status.is_client_error(), "{status} {body}");
+        // Declaring a type for a field the kind already has adds none.
+        let (status, body) = app
+            .put("/v1/kinds/tick", ADMIN, &json!({"fields": {"v": "float"}}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+);
