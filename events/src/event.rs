@@ -279,6 +279,44 @@ mod tests {
     }
 
     #[test]
+    fn five_thousand_and_one_scattered_partitions_travel_in_three_events_under_the_limit() {
+        let first = PartitionKey::parse("2020-01-01T00").unwrap();
+        // Every other hour: no two partitions are adjacent, so each is a run of its own.
+        let keys: Vec<PartitionKey> = std::iter::successors(Some(first), |k| Some(k.next().next()))
+            .take(5_001)
+            .collect();
+        let all = runs(keys.iter().copied());
+        assert_eq!(all.len(), 5_001);
+        let pieces: Vec<Vec<PartitionRun>> = run_pieces(&all).collect();
+        assert_eq!(pieces.len(), 3);
+        for piece in &pieces {
+            assert!(
+                !piece.is_empty() && piece.len() <= MAX_RUNS,
+                "{}",
+                piece.len()
+            );
+            let event = EventBody::AnalysisRequested {
+                analysis: "hourly_count".into(),
+                version: 1,
+                partitions: piece.clone(),
+                priority: 0,
+                invalidation: Some(Uuid::nil()),
+            };
+            let bytes = serde_json::to_vec(&event).unwrap().len();
+            assert!(bytes < 256 * 1024, "{bytes} bytes");
+        }
+        let travelled: Vec<PartitionKey> = pieces
+            .iter()
+            .flatten()
+            .flat_map(|run| run.keys().collect::<Vec<_>>())
+            .collect();
+        assert_eq!(
+            travelled, keys,
+            "the pieces together are the list, in order, once"
+        );
+    }
+
+    #[test]
     fn every_type_name_is_the_serialized_tag() {
         for ty in EventType::ALL {
             let tag = serde_json::to_value(ty).unwrap();

@@ -15,6 +15,8 @@
 //! not take it (SQLite has one writer anyway). Readers never do.
 
 mod error;
+#[cfg(test)]
+mod load_tests;
 mod postgres;
 mod sqlite;
 mod time;

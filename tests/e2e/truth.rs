@@ -142,6 +142,67 @@ both_backends!(
     }
 );
 
+both_backends!(
+    a_batch_over_5001_scattered_hours_is_logged_as_several_events_that_together_name_every_hour,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start().await;
+        let head = log_head(&app).await;
+        // One record every other hour: 5,001 hours, no two adjacent, so 5,001 runs.
+        let start = chrono::DateTime::parse_from_rfc3339("2000-01-01T00:00:00Z").unwrap();
+        let hours: Vec<chrono::DateTime<chrono::FixedOffset>> = (0..5_001)
+            .map(|i| start + chrono::Duration::hours(2 * i))
+            .collect();
+        let records: Vec<Value> = hours
+            .iter()
+            .map(|at| json!({"kind": "tick", "source": "scatter", "created": at.to_rfc3339(), "data": {"v": 1}}))
+            .collect();
+        ingest_ok(&app, &records).await;
+
+        let events: Vec<Value> = log_after(&app, head)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "source.ingested" && e["kind"] == "tick")
+            .collect();
+        assert_eq!(events.len(), 3, "{} events", events.len());
+        let mut logged = Vec::new();
+        for event in &events {
+            let bytes = serde_json::to_vec(event).unwrap().len();
+            assert!(bytes < 1024 * 1024, "an event of {bytes} bytes");
+            let runs = event["hours"].as_array().unwrap();
+            assert!(runs.len() <= 2_000, "an event of {} runs", runs.len());
+            logged.extend(runs.iter().map(|run| {
+                run.as_str()
+                    .unwrap_or_else(|| panic!("a run of more than one hour: {run}"))
+                    .to_string()
+            }));
+        }
+        let expected: Vec<String> = hours
+            .iter()
+            .map(|at| at.format("%Y-%m-%dT%H").to_string())
+            .collect();
+        assert_eq!(
+            logged, expected,
+            "the events together name every hour, once"
+        );
+        let counted: u64 = events.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+        assert_eq!(counted, 5_001);
+        // Every one of them reached the bus.
+        let head = log_head(&app).await;
+        eventually(
+            Duration::from_secs(20),
+            "the relay to publish the batch",
+            || async {
+                let (_, ready) = app.get("/readyz", ADMIN).await;
+                (ready["relay"]["published_seq"].as_i64() >= Some(head)).then_some(())
+            },
+        )
+        .await;
+        let (_, ready) = app.get("/readyz", ADMIN).await;
+        assert_eq!(ready["relay"]["skipped_events"], 0, "{ready}");
+    }
+);
+
 /// The advisory lock that serializes appends to the event log (see the store's
 /// PostgreSQL backend): holding it from a test stops every log append, so a build that
 /// has claimed its partition waits, holding its lease, before it logs `analysis.started`.
@@ -291,6 +352,175 @@ async fn a_partition_whose_builds_keep_killing_their_worker_is_failed_and_others
     assert_eq!((status.as_str(), readings), ("ready", 20));
 }
 
+/// The idle `scholia compute` child of process `parent` (a SQL build leaves one in the
+/// sandbox pool), if there is one.
+fn compute_child(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command in parentheses: state, then the parent's pid.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (ppid == parent && cmdline.split(|b| *b == 0).any(|arg| arg == b"compute"))
+                .then_some(pid)
+        })
+}
+
+fn signal(pid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status();
+}
+
+/// A deployment's `partition_state`, read and steered from the test.
+enum Leases {
+    Pg(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl Leases {
+    async fn of(d: &Deployment) -> Leases {
+        match d.backend {
+            Backend::Postgres => Leases::Pg(d.pg().await),
+            Backend::Sqlite => Leases::Sqlite(d.sqlite().await),
+        }
+    }
+
+    /// The lease owner and attempts of `partition` of `analysis`, while it is running.
+    async fn running(&self, analysis: &str, partition: &str) -> Option<(String, i32)> {
+        let sql = "SELECT lease_owner, attempts FROM partition_state WHERE analysis = $1 AND partition = $2 AND state = 'running'";
+        let row: Option<(Option<String>, i32)> = match self {
+            Leases::Pg(pool) => sqlx::query_as(sql)
+                .bind(analysis)
+                .bind(partition)
+                .fetch_optional(pool)
+                .await
+                .unwrap(),
+            Leases::Sqlite(pool) => sqlx::query_as(sql)
+                .bind(analysis)
+                .bind(partition)
+                .fetch_optional(pool)
+                .await
+                .unwrap(),
+        };
+        row.and_then(|(owner, attempts)| Some((owner?, attempts)))
+    }
+
+    /// Move the running lease of `partition` to end `seconds` from now.
+    async fn lease_ends_in(&self, analysis: &str, partition: &str, seconds: i64) {
+        let done = match self {
+            Leases::Pg(pool) => sqlx::query(
+                "UPDATE partition_state SET lease_until = now() + $1 * interval '1 second' \
+                 WHERE analysis = $2 AND partition = $3 AND state = 'running'",
+            )
+            .bind(seconds as f64)
+            .bind(analysis)
+            .bind(partition)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected(),
+            Leases::Sqlite(pool) => sqlx::query(
+                "UPDATE partition_state SET lease_until = (CAST(strftime('%s', 'now') AS INTEGER) + $1) * 1000000 \
+                 WHERE analysis = $2 AND partition = $3 AND state = 'running'",
+            )
+            .bind(seconds)
+            .bind(analysis)
+            .bind(partition)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected(),
+        };
+        assert_eq!(done, 1, "{partition} of {analysis} is running");
+    }
+}
+
+both_backends!(
+    a_partition_whose_builds_keep_killing_the_whole_process_is_failed_after_restarts_and_others_flow,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        // One build slot, so that builds take the one idle computation process in turn.
+        let env = [("SCHOLIA_WORKER_CONCURRENCY", "1")];
+        let mut app = d.start_with(&env).await;
+        let (status, body) = app
+            .put(
+                "/v1/analyses/daily_count",
+                ADMIN,
+                &json!({"kind": "generation", "partition": "1d", "sql": "SELECT COUNT(*) AS n FROM events"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (poison, fine) = ("2024-09-14", "2024-09-15");
+        ingest_ok(&app, &spread("p", poison, 20)).await;
+        ingest_ok(&app, &spread("p", fine, 20)).await;
+        let leases = Leases::of(&d).await;
+        for attempt in 1..=3 {
+            // A SQL build leaves its computation process idle in the pool; stopped, that
+            // process takes the next build and never answers, as a build that hangs its
+            // process until it is killed.
+            let warm = format!("2024-09-{:02}", 20 + attempt);
+            ingest_ok(&app, &spread("p", &warm, 5)).await;
+            let next = format!("2024-09-{:02}", 21 + attempt);
+            let built = app.annotations("daily_count", &warm, &next, 30).await;
+            assert_eq!(partitions_of(&built)[&warm]["rows"], json!([{"n": 5}]), "{built}");
+            let child = eventually(Duration::from_secs(10), "an idle computation process", || async {
+                compute_child(app.pid())
+            })
+            .await;
+            signal(child, "-STOP");
+            if attempt == 1 {
+                app.annotations("daily_count", poison, fine, 1).await;
+            } else {
+                // The killed process's lease, held until this one was ready, runs out.
+                leases.lease_ends_in("daily_count", poison, -1).await;
+            }
+            let pid = app.pid();
+            eventually(Duration::from_secs(20), "the process to claim the day", || async {
+                leases
+                    .running("daily_count", poison)
+                    .await
+                    .filter(|(owner, attempts)| owner_pid(owner) == pid && *attempts == attempt)
+            })
+            .await;
+            app.kill9();
+            signal(child, "-KILL");
+            // The dead process's lease is held until the next process has its idle
+            // computation process stopped too: otherwise it could retake the day first.
+            leases.lease_ends_in("daily_count", poison, 3_600).await;
+            app = d.start_with(&env).await;
+        }
+        leases.lease_ends_in("daily_count", poison, -1).await;
+        let failed = eventually(
+            Duration::from_secs(30),
+            "the poisoned day to be failed",
+            || async {
+                let body = app.annotations("daily_count", poison, fine, 0).await;
+                let part = partitions_of(&body)[poison].clone();
+                (part["status"] == "failed").then_some(part)
+            },
+        )
+        .await;
+        let error = failed["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("3 builds") && error.contains("stopped its worker"),
+            "{failed}"
+        );
+        // Other work keeps flowing.
+        let built = app.annotations("daily_count", fine, "2024-09-16", 30).await;
+        assert_eq!(partitions_of(&built)[fine]["rows"], json!([{"n": 20}]), "{built}");
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_bus_cannot_take_is_skipped_reported_and_stops_nothing() {
     let Some(d) = Deployment::new(Backend::Postgres, "oversized").await else {
@@ -438,16 +668,41 @@ async fn tasks_whose_database_connections_die_come_back_and_say_so() {
     ] {
         assert_eq!(ready["tasks"][task]["state"], "running", "{task}: {ready}");
     }
-    // Every connection the service holds is cut, as a database failover would.
-    let pool = d.pg().await;
-    let database = d.database_url.rsplit('/').next().unwrap().to_string();
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    // Every connection the service holds is cut and no new one is let in, as during a
+    // database failover, until a task has failed on it: the relay reads the log at
+    // least every half second, so it is one.
+    let (base, database) = d.database_url.rsplit_once('/').unwrap();
+    let server = sqlx::PgPool::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    let allow = |allowed: bool| {
+        sqlx::query::<sqlx::Postgres>(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {database} WITH ALLOW_CONNECTIONS {allowed}"
+        )))
+    };
+    allow(false).execute(&server).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(database)
+        .execute(&server)
+        .await
+        .unwrap();
+    let failed = eventually(
+        Duration::from_secs(20),
+        "the relay to fail while the database is away",
+        || async {
+            let (_, ready) = app.get("/readyz", ADMIN).await;
+            let relay = ready["tasks"]["relay"].clone();
+            (relay["restarts"].as_u64() >= Some(1)).then_some(relay)
+        },
     )
-    .bind(&database)
-    .execute(&pool)
-    .await
-    .unwrap();
+    .await;
+    allow(true).execute(&server).await.unwrap();
+    assert!(
+        failed["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("database")),
+        "{failed}"
+    );
     let day = "2024-09-08";
     eventually(Duration::from_secs(30), "ingest to work again", || async {
         let (status, _) = app.ingest(ADMIN, &spread("r", day, 5)).await;
@@ -460,7 +715,7 @@ async fn tasks_whose_database_connections_die_come_back_and_say_so() {
     })
     .await;
     assert!(readings >= 5, "{readings}");
-    eventually(
+    let ready = eventually(
         Duration::from_secs(30),
         "every task to run again",
         || async {
@@ -469,10 +724,15 @@ async fn tasks_whose_database_connections_die_come_back_and_say_so() {
                 .as_object()?
                 .values()
                 .all(|t| t["state"] == "running");
-            (status == StatusCode::OK && all_running).then_some(())
+            (status == StatusCode::OK && all_running).then_some(ready)
         },
     )
     .await;
+    // The restarts stay on the record once the tasks are back.
+    let relay = &ready["tasks"]["relay"];
+    assert!(relay["restarts"].as_u64() >= Some(1), "{ready}");
+    assert!(relay["last_error"].is_string(), "{ready}");
+    server.close().await;
 }
 
 both_backends!(
