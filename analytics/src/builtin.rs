@@ -30,6 +30,8 @@ fn meta(name: &str, version: i64, inputs: Vec<Input>, description: &str) -> Anal
         language: Language::Builtin,
         sql: None,
         description: description.into(),
+        // Built-in analyses declare no key: their diffs match rows on non-measure columns.
+        key: None,
     }
 }
 

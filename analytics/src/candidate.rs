@@ -125,14 +125,79 @@ pub struct ChangedRow {
     pub candidate: Value,
 }
 
+/// The columns a diff matches rows on, and who named them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffKey<'a> {
+    /// None named: the non-measure columns both sides have.
+    Inferred,
+    /// The request's `?key=`.
+    Asked(&'a [String]),
+    /// The key the candidate's definition declares.
+    Candidate(&'a [String]),
+    /// The key the live analysis declares (the candidate declaring none).
+    Live(&'a [String]),
+}
+
+impl<'a> DiffKey<'a> {
+    /// The request's key, else the candidate's declared key, else the live one's.
+    pub fn choose(
+        asked: Option<&'a [String]>,
+        live: &'a AnalysisMeta,
+        candidate: &'a AnalysisMeta,
+    ) -> Self {
+        match (asked, candidate.key.as_deref(), live.key.as_deref()) {
+            (Some(key), _, _) => DiffKey::Asked(key),
+            (None, Some(key), _) => DiffKey::Candidate(key),
+            (None, None, Some(key)) => DiffKey::Live(key),
+            (None, None, None) => DiffKey::Inferred,
+        }
+    }
+
+    pub fn columns(self) -> Option<&'a [String]> {
+        match self {
+            DiffKey::Inferred => None,
+            DiffKey::Asked(key) | DiffKey::Candidate(key) | DiffKey::Live(key) => Some(key),
+        }
+    }
+
+    /// Who named the key: `query`, `candidate` or `live` (none when inferred).
+    pub fn named_by(self) -> Option<&'static str> {
+        match self {
+            DiffKey::Inferred => None,
+            DiffKey::Asked(_) => Some("query"),
+            DiffKey::Candidate(_) => Some("candidate"),
+            DiffKey::Live(_) => Some("live"),
+        }
+    }
+
+    /// Why a key column the candidate's annotation lacks is refused, and what to do.
+    fn missing(self, column: &str, partition: &PartitionKey, has: &str, live: &str) -> String {
+        let lacks = format!(
+            "is not a column of the candidate's annotations of {partition}, which has {has}"
+        );
+        match self {
+            DiffKey::Candidate(_) => format!(
+                "The key column {column} that the candidate declares {lacks}; declare a key of its columns in the candidate's definition, or give key= to match rows on other columns."
+            ),
+            DiffKey::Live(_) => format!(
+                "The key column {column} that {live} declares {lacks}; declare a key of its columns in the candidate's definition, or give key= to match rows on other columns."
+            ),
+            DiffKey::Asked(_) | DiffKey::Inferred => format!(
+                "The key column {column} {lacks}; name columns it has, or leave key out to match rows on their non-measure columns."
+            ),
+        }
+    }
+}
+
 /// Compare the candidate's annotations of `keys` with the live ones.
 pub async fn diff(
     store: &Store,
     live: &AnalysisMeta,
     candidate: &AnalysisMeta,
     keys: &[PartitionKey],
-    declared_key: Option<&[String]>,
+    row_key: DiffKey<'_>,
 ) -> Result<Vec<PartitionDiff>> {
+    let declared_key = row_key.columns();
     let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
         return Ok(Vec::new());
     };
@@ -174,9 +239,11 @@ pub async fn diff(
                 .iter()
                 .map(|c| c.name.as_str())
                 .collect();
-            return Err(Error::Invalid(format!(
-                "The key column {missing} is not a column of the candidate's annotations of {key}, which has {}; name columns it has, or leave key out to match rows on their non-measure columns.",
-                columns.join(", ")
+            return Err(Error::Invalid(row_key.missing(
+                missing,
+                key,
+                &columns.join(", "),
+                &live.name,
             )));
         }
         let compared = compare(

@@ -40,7 +40,13 @@ pub struct SqlDefinition {
     /// Accepted for files that list analyses with their names.
     #[serde(default)]
     pub name: Option<String>,
+    /// The columns that identify a row, for a candidate's diff.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
 }
+
+/// The most columns a declared key names.
+pub const MAX_KEY_COLUMNS: usize = 64;
 
 /// SQL analyses by (name, version).
 type Compiled = Arc<Mutex<HashMap<(String, i64), Arc<dyn Analysis>>>>;
@@ -186,6 +192,7 @@ impl Registry {
             ));
         }
         check_statement(&sql).map_err(Error::Invalid)?;
+        let key = def.key.map(check_key).transpose()?;
         let meta = AnalysisMeta {
             name: name.to_string(),
             version: 1,
@@ -194,8 +201,17 @@ impl Registry {
             language: Language::Sql,
             sql: Some(sql),
             description: def.description,
+            key,
         };
-        self.check_compiles(&meta).await?;
+        let columns = self.check_compiles(&meta).await?;
+        if let Some(missing) = meta.key.iter().flatten().find(|k| !columns.contains(k)) {
+            return Err(Error::Invalid(format!(
+                "the key column {missing:?} is not a column of the SQL's result, which has {}; name columns it has, or leave key out to match rows on their non-measure columns",
+                columns.join(", ")
+            )));
+        }
+        // The key is not in the fingerprint: it decides how diffs match rows, not what is
+        // built, so changing it keeps the version and the annotations current.
         let print = self.fingerprint(&meta);
         Ok((meta, print))
     }
@@ -210,7 +226,7 @@ impl Registry {
         if let Some(stored) = &stored {
             meta.version = stored.meta.version;
             if stored.fingerprint == print {
-                if stored.meta.description != meta.description {
+                if stored.meta.description != meta.description || stored.meta.key != meta.key {
                     self.store
                         .analyses
                         .put(vec![(meta.clone(), print)], actor)
@@ -264,7 +280,7 @@ impl Registry {
         })?;
         if live_record.fingerprint == print {
             return Err(Error::Conflict(format!(
-                "this is the live definition of {name:?} (version {}); change it to make a candidate",
+                "this is the live definition of {name:?} (version {}); change what it computes to make a candidate (a description or key alone is changed by PUT /v1/analyses/{name}, without a new version)",
                 live_record.meta.version
             )));
         }
@@ -276,7 +292,7 @@ impl Registry {
         if let Some(stored) = &stored {
             if stored.fingerprint == print {
                 meta.version = stored.meta.version;
-                if stored.meta.description != meta.description {
+                if stored.meta.description != meta.description || stored.meta.key != meta.key {
                     self.store
                         .analyses
                         .put(vec![(meta.clone(), print)], actor)
@@ -497,11 +513,12 @@ impl Registry {
         None
     }
 
-    async fn check_compiles(&self, meta: &AnalysisMeta) -> Result<()> {
+    /// Run the SQL on empty inputs; returns the columns of its result.
+    async fn check_compiles(&self, meta: &AnalysisMeta) -> Result<Vec<String>> {
         let inputs = self.empty_inputs(meta, 0).await?;
         let described = describe_tables(meta, &inputs);
         let analysis = SqlAnalysis { meta: meta.clone() };
-        tokio::task::spawn_blocking(move || analysis.compute(inputs))
+        let out = tokio::task::spawn_blocking(move || analysis.compute(inputs))
             .await
             .map_err(|e| Error::internal("checking an analysis", e))?
             .map_err(|e| {
@@ -509,7 +526,11 @@ impl Registry {
                     "the SQL does not run against its inputs: {e}. {described}"
                 ))
             })?;
-        Ok(())
+        Ok(out
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect())
     }
 
     /// Empty inputs shaped like `meta`'s: kinds by their schemas, analyses by what they
@@ -586,6 +607,35 @@ fn describe_tables(meta: &AnalysisMeta, inputs: &Inputs) -> String {
         })
         .collect();
     format!("Its tables are {}", tables.join("; "))
+}
+
+/// A declared key: at most [`MAX_KEY_COLUMNS`] column names, none blank, none twice.
+fn check_key(key: Vec<String>) -> Result<Vec<String>> {
+    if key.is_empty() {
+        return Err(Error::Invalid(
+            "key is empty; name the columns that identify a row, as in [\"source\"], or leave key out to match rows on their non-measure columns".into(),
+        ));
+    }
+    if key.len() > MAX_KEY_COLUMNS {
+        return Err(Error::Invalid(format!(
+            "key names {} columns; it may name at most {MAX_KEY_COLUMNS}",
+            key.len()
+        )));
+    }
+    for (i, column) in key.iter().enumerate() {
+        if column.trim().is_empty() || column.len() > 200 {
+            return Err(Error::Invalid(format!(
+                "key column {} is {column:?}; name each column by 1 to 200 characters, as the SQL's result names it",
+                i + 1
+            )));
+        }
+        if key[..i].contains(column) {
+            return Err(Error::Invalid(format!(
+                "the key column {column:?} is listed twice; name each column once"
+            )));
+        }
+    }
+    Ok(key)
 }
 
 fn validate_name(name: &str) -> Result<()> {

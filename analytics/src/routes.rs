@@ -31,7 +31,7 @@ use scholia_http::{
     Admin, ApiError, ApiResult, AppJson, AppPath, AppQuery, Core, Reader, parse_range,
 };
 
-use crate::candidate::{self, PartitionDiff};
+use crate::candidate::{self, DiffKey, PartitionDiff};
 use crate::dry_run::{self, DryRun};
 use crate::invalidation;
 use crate::registry::{Registry, SqlDefinition};
@@ -136,6 +136,9 @@ struct AnalysisView {
     /// The query of a SQL analysis.
     #[serde(skip_serializing_if = "Option::is_none")]
     sql: Option<String>,
+    /// The columns that identify a row, as it declares them (a candidate's diff matches
+    /// rows on them), or null.
+    key: Option<Vec<String>>,
     #[schema(value_type = String, pattern = "^active$")]
     status: &'static str,
     /// Its candidate, registered beside it (`GET /v1/analyses/{name}/candidate`), or null.
@@ -177,6 +180,7 @@ fn view(
         description: meta.description.clone(),
         language: meta.language,
         sql: meta.sql.clone(),
+        key: meta.key.clone(),
         status: "active",
         candidate: candidates.get(&meta.name).map(|c| CandidateBrief {
             version: c.version,
@@ -256,6 +260,12 @@ struct AnalysisDefinition {
     #[serde(default)]
     #[schema(pattern = "^[a-z][a-z0-9_-]{0,63}$")]
     name: Option<String>,
+    /// The columns that identify a row of its result (at most 64, each once): a
+    /// candidate's diff matches rows on them instead of on the non-measure columns.
+    /// Changing it keeps the version.
+    #[serde(default)]
+    #[schema(min_items = 1, max_items = 64, example = json!(["source"]))]
+    key: Option<Vec<String>>,
 }
 
 /// A granularity as a definition may write it: `1d` or `1h`, or `day` or `hour`.
@@ -284,6 +294,7 @@ impl From<AnalysisDefinition> for SqlDefinition {
             sql: def.sql,
             description: def.description,
             name: def.name,
+            key: def.key,
         }
     }
 }
@@ -306,8 +317,9 @@ enum Registration {
 
 /// Register or change a SQL analysis, or register a candidate of it.
 ///
-/// A change bumps its version, and makes downstream annotations stale. SQL that does not
-/// compile, an unknown input or a cycle is refused with 422, naming the problem. With
+/// A change bumps its version, and makes downstream annotations stale; a change of only
+/// its description or `key` is saved under the same version. SQL that does not compile,
+/// an unknown input, a cycle or a bad `key` is refused with 422, naming the problem. With
 /// `?candidate=true` the definition is registered as the analysis' candidate, beside the
 /// live version, which is not touched (a candidate equal to the live definition is a
 /// conflict); it answers with the candidate.
@@ -451,6 +463,9 @@ struct CandidateView {
     language: Language,
     #[serde(skip_serializing_if = "Option::is_none")]
     sql: Option<String>,
+    /// The columns that identify a row, as the candidate declares them, or null (its diff
+    /// then matches rows on the live analysis' key, if that declares one).
+    key: Option<Vec<String>>,
     /// How many partitions the candidate's version has built.
     built: u64,
     /// Those partitions, as runs of consecutive keys.
@@ -517,6 +532,7 @@ async fn candidate_view(state: &AnalyticsState, name: &str) -> ApiResult<Candida
         description: meta.description.clone(),
         language: meta.language,
         sql: meta.sql.clone(),
+        key: meta.key.clone(),
         built: built.len() as u64,
         partitions: runs(built),
         queued: count(BuildState::Queued),
@@ -657,7 +673,7 @@ impl IntoParams for DiffQuery {
                 .parameter_in(ParameterIn::Query)
                 .required(Required::False)
                 .description(Some(
-                    "The columns that identify a row, comma-separated (e.g. `source,region`); without it rows are matched on their non-measure columns.",
+                    "The columns that identify a row, comma-separated (e.g. `source,region`); without it rows are matched on the key the candidate declares, else on the live analysis' key, else on their non-measure columns.",
                 ))
                 .schema(Some(
                     ObjectBuilder::new()
@@ -675,14 +691,24 @@ struct CandidateDiff {
     analysis: String,
     live_version: i64,
     candidate_version: i64,
+    /// The key rows were matched on: `?key=`, else the candidate's declared key, else the
+    /// live analysis'; null when none is named (rows were matched on each partition's
+    /// `key_columns`, the non-measure columns).
+    key: Option<Vec<String>>,
+    /// Who named `key`: `query`, `candidate` or `live` (null with no key).
+    #[schema(value_type = Option<String>, pattern = "^(query|candidate|live)$")]
+    key_from: Option<&'static str>,
     /// Per partition of the range, in order.
     partitions: Vec<PartitionDiff>,
 }
 
 /// The candidate's annotations against the live ones, per partition.
 ///
-/// Rows are matched on the columns named in `key`, or else on their non-measure columns
-/// (strings, integers, booleans, dates and times; floats are measures), and sorted into
+/// Rows are matched on the columns named in `key`, else on the key the candidate's
+/// definition declares, else on the live analysis' declared key, or else on their
+/// non-measure columns (strings, integers, booleans, dates and times; floats are
+/// measures); a named key column the candidate's annotations lack is refused with 422,
+/// naming it. Rows are sorted into
 /// added, removed and changed, with the
 /// columns that changed; at most 100 rows of each list per partition are shown, the counts
 /// are whole. At most 1,000 partitions at a time.
@@ -717,13 +743,15 @@ async fn diff_candidate(
         .partitions_between(from, to, candidate::MAX_DIFF_PARTITIONS)
         .map_err(|e| ApiError::invalid(scholia_http::sentence(&e)))?;
     let store = &state.cache.core().store;
-    let declared_key = query.key.as_deref().map(diff_key).transpose()?;
-    let partitions =
-        candidate::diff(store, &live, &stored.meta, &keys, declared_key.as_deref()).await?;
+    let asked = query.key.as_deref().map(diff_key).transpose()?;
+    let row_key = DiffKey::choose(asked.as_deref(), &live, &stored.meta);
+    let partitions = candidate::diff(store, &live, &stored.meta, &keys, row_key).await?;
     Ok(Json(CandidateDiff {
         analysis: name,
         live_version: live.version,
         candidate_version: stored.meta.version,
+        key: row_key.columns().map(<[String]>::to_vec),
+        key_from: row_key.named_by(),
         partitions,
     }))
 }

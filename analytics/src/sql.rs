@@ -142,6 +142,7 @@ mod tests {
             language: Language::Sql,
             sql: Some(sql.into()),
             description: String::new(),
+            key: None,
         }
     }
 

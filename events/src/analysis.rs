@@ -133,6 +133,11 @@ pub struct AnalysisMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
     pub description: String,
+    /// The columns that identify a row of its annotations, when it declares them: a
+    /// candidate's diff matches rows on them instead of on the non-measure columns. Not
+    /// part of what is built, so it never changes the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
 }
 
 impl AnalysisMeta {

@@ -122,6 +122,22 @@ both_backends!(
         assert_eq!(view["sql"], CANDIDATE_SQL, "{view}");
         assert_eq!(view["inputs"], json!([{"kind": "generation"}]), "{view}");
         assert_eq!(view["built"], 0, "{view}");
+        // Registering it is in the log, with who did it.
+        let events = log_after(&app, 0).await;
+        let registered: Vec<&Value> = events
+            .iter()
+            .filter(|e| {
+                e["type"] == "analysis.registered" && e["analysis"] == "station_stats@candidate"
+            })
+            .collect();
+        assert_eq!(registered.len(), 1, "{events:#?}");
+        assert_eq!(registered[0]["version"], 2, "{registered:#?}");
+        assert!(
+            registered[0]["actor"]
+                .as_str()
+                .is_some_and(|a| a.contains("bootstrap admin")),
+            "{registered:#?}"
+        );
         let (status, again) = put_candidate(&app, CANDIDATE_SQL).await;
         assert_eq!(status, StatusCode::OK, "the same candidate again: {again}");
         assert_eq!(again["version"], 2, "{again}");
@@ -387,16 +403,32 @@ both_backends!(
             assert_eq!(p["generation"], 2, "{day}: {p}");
             assert_eq!(p["rows"].as_array().unwrap().len(), 2, "{day}: {p}");
         }
-        // Nothing of the promoted partitions was rebuilt (the others were, for the chart).
+        // The partitions the candidate did not build were stale and were rebuilt by the new
+        // version (the chart and the waiting read ask for them; the next test shows them
+        // stale when nobody asks); nothing of the promoted partitions was rebuilt.
+        for day in ["2024-04-01", "2024-04-04"] {
+            let p = &parts[day];
+            assert_eq!(p["status"], "ready", "{day}: {p}");
+            assert_eq!(p["version"], 2, "{day}: {p}");
+            assert_eq!(p["generation"], 2, "{day}: {p}");
+            let rows = p["rows"].as_array().unwrap();
+            assert_eq!(rows.len(), 2, "{day}: {p}");
+            assert!(rows.iter().all(|r| r["source"] != "g2"), "{day}: {p}");
+        }
         let events = log_after(&app, head).await;
         let started: BTreeSet<&str> = events
             .iter()
-            .filter(|e| e["type"] == "analysis.started" && e["analysis"] == "station_stats")
+            .filter(|e| {
+                e["type"] == "analysis.started"
+                    && e["analysis"] == "station_stats"
+                    && e["version"] == 2
+            })
             .map(|e| e["partition"].as_str().unwrap())
             .collect();
-        assert!(
-            promoted_days.iter().all(|d| !started.contains(d)),
-            "promoted partitions were rebuilt: {started:?}"
+        assert_eq!(
+            started,
+            BTreeSet::from(["2024-04-01", "2024-04-04"]),
+            "only the partitions the candidate did not build are rebuilt"
         );
         assert!(
             events.iter().any(|e| e["type"] == "analysis.registered"
@@ -499,5 +531,327 @@ both_backends!(
         assert_eq!(day["status"], "compared", "{diff}");
         assert_eq!(day["removed"], 0, "the new candidate keeps g2: {diff}");
         assert_eq!(day["changed"], 3, "the maximum is not the average: {diff}");
+    }
+);
+
+both_backends!(
+    after_a_promotion_the_partitions_the_candidate_did_not_build_are_stale_until_rebuilt,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = start_with_live(&d).await;
+        let (status, view) = put_candidate(&app, CANDIDATE_SQL).await;
+        assert_eq!(status, StatusCode::CREATED, "{view}");
+        let (status, built) = app
+            .post(
+                "/v1/analyses/station_stats/candidate/builds",
+                ADMIN,
+                &json!({"from": "2024-04-02", "to": "2024-04-04"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{built}");
+        candidate_built(&app, 2).await;
+        let (status, promoted) = app
+            .post(
+                "/v1/analyses/station_stats/candidate/promote",
+                ADMIN,
+                &json!({}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{promoted}");
+        assert_eq!(promoted["promoted"], 2, "{promoted}");
+
+        // Nobody reads with wait= and no chart is open, so nothing asks for a rebuild: once
+        // the reader's cache has heard of the promotion, it serves the promoted partitions
+        // live and the others stale, with the live version's old rows.
+        let parts = eventually(
+            Duration::from_secs(10),
+            "the reader to see the promoted partitions",
+            || async {
+                let (status, body) = app
+                    .get(
+                        "/v1/annotations/station_stats?from=2024-04-01&to=2024-04-07",
+                        ADMIN,
+                    )
+                    .await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                let parts = partitions_of(&body);
+                ["2024-04-02", "2024-04-03"]
+                    .iter()
+                    .all(|day| parts[*day]["version"] == 2)
+                    .then_some(parts)
+            },
+        )
+        .await;
+        assert_eq!(parts.len(), 6, "{parts:?}");
+        for (day, p) in &parts {
+            let rows = p["rows"].as_array().unwrap();
+            if ["2024-04-02", "2024-04-03"].contains(&day.as_str()) {
+                assert_eq!(p["status"], "ready", "{day}: {p}");
+                assert_eq!(p["version"], 2, "{day}: {p}");
+                assert_eq!(rows.len(), 2, "{day}: {p}");
+            } else {
+                assert_eq!(p["status"], "stale", "{day}: {p}");
+                assert!(p.get("rebuild").is_none(), "{day}: {p}");
+                assert_eq!(p["version"], 1, "{day}: {p}");
+                assert_eq!(p["generation"], 1, "{day}: {p}");
+                assert_eq!(rows.len(), 3, "the live version's rows: {day}: {p}");
+            }
+        }
+
+        // A reader who waits has them rebuilt by the promoted version.
+        let body = app
+            .annotations("station_stats", "2024-04-01", "2024-04-07", 30)
+            .await;
+        for (day, p) in partitions_of(&body) {
+            assert_eq!(p["status"], "ready", "{day}: {p}");
+            assert_eq!(p["version"], 2, "{day}: {p}");
+            assert_eq!(p["generation"], 2, "{day}: {p}");
+            let rows = p["rows"].as_array().unwrap();
+            assert!(rows.iter().all(|r| r["source"] != "g2"), "{day}: {p}");
+        }
+    }
+);
+
+/// The live analysis with a declared key: [`LIVE_SQL`], rows identified by `source`.
+async fn put_live_with_key(app: &TestApp, key: Value) -> (StatusCode, Value) {
+    app.put(
+        "/v1/analyses/station_stats",
+        ADMIN,
+        &json!({"kind": "generation", "sql": LIVE_SQL, "key": key}),
+    )
+    .await
+}
+
+/// A day's diff of the candidate, with `query` after the range.
+async fn diff_day(app: &TestApp, query: &str) -> (StatusCode, Value) {
+    app.get(
+        &format!("/v1/analyses/station_stats/candidate/diff?from=2024-04-02&to=2024-04-03{query}"),
+        ADMIN,
+    )
+    .await
+}
+
+/// One more reading per station than the live analysis counts: a measure (`n`, an
+/// integer) changes, which matched on the non-measure columns is rows removed and added.
+const MORE_READINGS_SQL: &str =
+    "SELECT source, AVG(output_mw) AS avg_mw, COUNT(*) + 1 AS n FROM generation GROUP BY source";
+
+both_backends!(
+    a_diff_matches_rows_on_the_declared_key_unless_the_request_names_another,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = start_with_live(&d).await;
+
+        // Bad keys are refused when the analysis is registered, naming the problem.
+        for (key, says) in [
+            (json!([]), "Key is empty"),
+            (json!(["source", "source"]), "listed twice"),
+            (json!(["source", " "]), "1 to 200 characters"),
+            (json!(["station"]), "\"station\""),
+        ] {
+            let (status, problem) = put_live_with_key(&app, key.clone()).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{key}: {problem}");
+            let detail = problem["detail"].as_str().unwrap();
+            assert!(detail.contains(says), "{key}: {detail}");
+        }
+        let (_, live) = app.get("/v1/analyses/station_stats", ADMIN).await;
+        assert!(live["key"].is_null(), "nothing refused was saved: {live}");
+
+        let (status, live) = put_live_with_key(&app, json!(["source"])).await;
+        assert_eq!(status, StatusCode::OK, "{live}");
+        assert_eq!(live["key"], json!(["source"]), "{live}");
+        assert_eq!(live["version"], 1, "a key changes nothing built: {live}");
+        let (status, candidate) = put_candidate(&app, MORE_READINGS_SQL).await;
+        assert_eq!(status, StatusCode::CREATED, "{candidate}");
+        assert!(candidate["key"].is_null(), "{candidate}");
+        let (status, built) = app
+            .post(
+                "/v1/analyses/station_stats/candidate/builds",
+                ADMIN,
+                &json!({"from": "2024-04-02", "to": "2024-04-03"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{built}");
+        candidate_built(&app, 1).await;
+
+        // The candidate declares no key, so the live one's matches the rows: each station's
+        // row changed in `n`.
+        let (status, diff) = diff_day(&app, "").await;
+        assert_eq!(status, StatusCode::OK, "{diff}");
+        assert_eq!(diff["key"], json!(["source"]), "{diff}");
+        assert_eq!(diff["key_from"], "live", "{diff}");
+        let day = &diff["partitions"][0];
+        assert_eq!(day["status"], "compared", "{diff}");
+        assert_eq!(day["key_columns"], json!(["source"]), "{day}");
+        assert_eq!(
+            (&day["added"], &day["removed"], &day["changed"]),
+            (&json!(0), &json!(0), &json!(3)),
+            "{day}"
+        );
+        assert_eq!(day["changed_columns"], json!(["n"]), "{day}");
+        let changed = &day["rows"]["changed"][0];
+        assert_eq!(changed["key"], json!({"source": "g0"}), "{day}");
+        assert_eq!(changed["live"]["n"], 4, "{day}");
+        assert_eq!(changed["candidate"]["n"], 5, "{day}");
+
+        // `?key=` overrides it: matched on the count too, every row is removed and added.
+        let (status, asked) = diff_day(&app, "&key=source,n").await;
+        assert_eq!(status, StatusCode::OK, "{asked}");
+        assert_eq!(asked["key"], json!(["source", "n"]), "{asked}");
+        assert_eq!(asked["key_from"], "query", "{asked}");
+        let day = &asked["partitions"][0];
+        assert_eq!(
+            (&day["added"], &day["removed"], &day["changed"]),
+            (&json!(3), &json!(3), &json!(0)),
+            "{day}"
+        );
+
+        // A key the candidate declares wins over the live one; declaring it keeps the
+        // candidate's version and what it built.
+        let (status, keyed) = app
+            .put(
+                "/v1/analyses/station_stats?candidate=true",
+                ADMIN,
+                &json!({"kind": "generation", "sql": MORE_READINGS_SQL, "key": ["n"]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{keyed}");
+        assert_eq!(keyed["key"], json!(["n"]), "{keyed}");
+        assert_eq!(keyed["version"], candidate["version"], "{keyed}");
+        assert_eq!(keyed["built"], 1, "{keyed}");
+        let (status, diff) = diff_day(&app, "").await;
+        assert_eq!(status, StatusCode::OK, "{diff}");
+        assert_eq!(diff["key_from"], "candidate", "{diff}");
+        let day = &diff["partitions"][0];
+        assert_eq!(day["key_columns"], json!(["n"]), "{day}");
+        assert_eq!(
+            (&day["added"], &day["removed"], &day["changed"]),
+            (&json!(3), &json!(3), &json!(0)),
+            "{day}"
+        );
+
+        // A candidate without the live key's column: its diff is refused, naming the column,
+        // until a request or the candidate names columns it has.
+        let renamed = "SELECT source AS station, AVG(output_mw) AS avg_mw, COUNT(*) AS n FROM generation GROUP BY source";
+        let (status, view) = put_candidate(&app, renamed).await;
+        assert_eq!(status, StatusCode::CREATED, "{view}");
+        let (status, _) = app
+            .post(
+                "/v1/analyses/station_stats/candidate/builds",
+                ADMIN,
+                &json!({"from": "2024-04-02", "to": "2024-04-03"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        candidate_built(&app, 1).await;
+        let (status, refused) = diff_day(&app, "").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+        let detail = refused["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("key column source that station_stats declares")
+                && detail.contains("station, avg_mw, n"),
+            "{detail}"
+        );
+        let (status, asked) = diff_day(&app, "&key=n").await;
+        assert_eq!(status, StatusCode::OK, "{asked}");
+        assert_eq!(asked["partitions"][0]["changed"], 3, "{asked}");
+        assert_eq!(
+            asked["partitions"][0]["changed_columns"],
+            json!(["source", "station"]),
+            "{asked}"
+        );
+    }
+);
+
+both_backends!(
+    a_declared_key_keeps_the_version_survives_a_restart_and_is_promoted_with_its_candidate,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let mut app = start_with_live(&d).await;
+        let head = log_head(&app).await;
+        let (status, live) = put_live_with_key(&app, json!(["source"])).await;
+        assert_eq!(status, StatusCode::OK, "{live}");
+        assert_eq!(live["key"], json!(["source"]), "{live}");
+        assert_eq!(live["version"], 1, "{live}");
+        // The annotations stay current: nothing is stale, nothing is rebuilt.
+        let body = app
+            .annotations("station_stats", "2024-04-01", "2024-04-07", 30)
+            .await;
+        assert!(
+            partitions_of(&body)
+                .values()
+                .all(|p| p["status"] == "ready" && p["version"] == 1 && p["generation"] == 1),
+            "{body}"
+        );
+        let events = log_after(&app, head).await;
+        assert!(
+            !events.iter().any(|e| e["type"] == "analysis.started"),
+            "{events:#?}"
+        );
+        let (status, candidate) = app
+            .put(
+                "/v1/analyses/station_stats?candidate=true",
+                ADMIN,
+                &json!({"kind": "generation", "sql": CANDIDATE_SQL, "key": ["source", "n"]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{candidate}");
+        assert_eq!(candidate["key"], json!(["source", "n"]), "{candidate}");
+
+        app.terminate();
+        let app = d.start().await;
+        let (_, live) = app.get("/v1/analyses/station_stats", ADMIN).await;
+        assert_eq!(live["key"], json!(["source"]), "{live}");
+        assert_eq!(live["version"], 1, "{live}");
+        let (_, list) = app.get("/v1/analyses", ADMIN).await;
+        let listed = list["analyses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "station_stats")
+            .cloned()
+            .unwrap_or_else(|| panic!("station_stats is listed: {list}"));
+        assert_eq!(listed["key"], json!(["source"]), "{listed}");
+        let builtin = list["analyses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "daily_avg")
+            .cloned()
+            .unwrap_or_else(|| panic!("daily_avg is listed: {list}"));
+        assert!(
+            builtin["key"].is_null(),
+            "a built-in declares none: {builtin}"
+        );
+        let (_, candidate) = app.get("/v1/analyses/station_stats/candidate", ADMIN).await;
+        assert_eq!(candidate["key"], json!(["source", "n"]), "{candidate}");
+
+        // Leaving key out of the definition removes it, again under the same version.
+        let (status, live) = app
+            .put(
+                "/v1/analyses/station_stats",
+                ADMIN,
+                &json!({"kind": "generation", "sql": LIVE_SQL}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{live}");
+        assert!(live["key"].is_null(), "{live}");
+        assert_eq!(live["version"], 1, "{live}");
+
+        // Promoting the candidate makes its key the live one, with the rest of its definition.
+        let (status, promoted) = app
+            .post(
+                "/v1/analyses/station_stats/candidate/promote",
+                ADMIN,
+                &json!({}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{promoted}");
+        assert_eq!(
+            promoted["analysis"]["key"],
+            json!(["source", "n"]),
+            "{promoted}"
+        );
+        assert_eq!(promoted["analysis"]["version"], 2, "{promoted}");
     }
 );

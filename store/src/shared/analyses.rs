@@ -31,16 +31,31 @@ type Row = (
     String,
     Timestamp,
     String,
+    Option<String>,
 );
 
-const COLUMNS: &str =
-    "name, version, partition, inputs, sql, description, fingerprint, updated_at, updated_by";
+const COLUMNS: &str = "name, version, partition, inputs, sql, description, fingerprint, updated_at, updated_by, row_key";
 
 fn record(
-    (name, version, partition, inputs, sql, description, fingerprint, updated_at, updated_by): Row,
+    (
+        name,
+        version,
+        partition,
+        inputs,
+        sql,
+        description,
+        fingerprint,
+        updated_at,
+        updated_by,
+        row_key,
+    ): Row,
 ) -> Result<AnalysisRecord> {
     let bad = |e: String| corrupt("reading an analysis", format!("{name}: {e}"));
     let inputs: Vec<Input> = serde_json::from_str(&inputs).map_err(|e| bad(e.to_string()))?;
+    let key: Option<Vec<String>> = row_key
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|e| bad(e.to_string()))?;
     Ok(AnalysisRecord {
         meta: AnalysisMeta {
             partition: partition.parse().map_err(bad)?,
@@ -52,6 +67,7 @@ fn record(
             },
             sql,
             description,
+            key,
             version,
             name,
         },
@@ -319,13 +335,18 @@ async fn store_definitions(
     let mut events = Vec::with_capacity(analyses.len());
     for (meta, fingerprint) in analyses {
         let inputs = serde_json::to_string(&meta.inputs).expect("inputs serialize");
+        let row_key = meta
+            .key
+            .as_ref()
+            .map(|key| serde_json::to_string(key).expect("a key serializes"));
         sqlx::query::<Db>(
-            "INSERT INTO analyses (name, version, kind, partition, inputs, sql, description, fingerprint, updated_at, updated_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+            "INSERT INTO analyses (name, version, kind, partition, inputs, sql, description, fingerprint, updated_at, updated_by, row_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (name) DO UPDATE SET version = excluded.version, kind = excluded.kind, \
              partition = excluded.partition, inputs = excluded.inputs, sql = excluded.sql, \
              description = excluded.description, fingerprint = excluded.fingerprint, \
-             updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by, \
+             row_key = excluded.row_key",
         )
         .bind(&meta.name)
         .bind(meta.version)
@@ -337,6 +358,7 @@ async fn store_definitions(
         .bind(fingerprint)
         .bind(now)
         .bind(actor)
+        .bind(row_key)
         .execute(tx.conn())
         .await
         .ctx("storing an analysis")?;
