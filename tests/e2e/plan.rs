@@ -516,3 +516,162 @@ both_backends!(
         assert_eq!(status, StatusCode::CONFLICT, "{problem}");
     }
 );
+
+/// The processes whose parent is `pid`, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            // After the command's name in parentheses: the state, then the parent's pid.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// Processes held with SIGSTOP, let go (SIGCONT) when dropped, so that none outlives the
+/// test stopped.
+struct Stopped(Vec<u32>);
+
+impl Stopped {
+    fn stop(pids: Vec<u32>) -> Stopped {
+        for pid in &pids {
+            signal(*pid, "STOP");
+        }
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for pid in self.0.drain(..) {
+            let _ = std::process::Command::new("kill")
+                .arg("-CONT")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// The dry run of `analysis` over `[from, to)`: its already_queued, its already_running,
+/// and the whole plan.
+async fn under_way(app: &TestApp, analysis: &str, from: &str, to: &str) -> (u64, u64, Value) {
+    let (status, plan) = app
+        .post(
+            "/v1/invalidations",
+            ADMIN,
+            &dry_run_body(analysis, from, to, true),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    let a = &plan["analyses"][0];
+    assert_eq!(a["analysis"], analysis, "{plan}");
+    (
+        a["already_queued"].as_u64().unwrap(),
+        a["already_running"].as_u64().unwrap(),
+        plan,
+    )
+}
+
+both_backends!(
+    a_dry_run_reports_what_is_already_queued_and_running,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        // No worker: what an eager invalidation queues stays queued.
+        let app = d.start_with(&[("SCHOLIA_ROLES", "ingest,cache")]).await;
+        ingest_all(&app, &days_of_records(6, 12)).await;
+        put_analysis(&app, "station_avg", json!({"kind": "generation", "sql": "SELECT source, AVG(output_mw) AS avg_mw FROM generation GROUP BY source"})).await;
+        let first = invalidate(&app, "station_avg", "2024-04-01", "2024-04-05", "eager").await;
+        let (queued, running, plan) =
+            under_way(&app, "station_avg", "2024-04-01", "2024-04-05").await;
+        assert_eq!((queued, running), (4, 0), "{plan}");
+        // Over a wider range, only the queued partitions count.
+        let (queued, running, plan) =
+            under_way(&app, "station_avg", "2024-04-01", "2024-04-07").await;
+        assert_eq!(plan["partitions_total"], 6, "{plan}");
+        assert_eq!((queued, running), (4, 0), "{plan}");
+        let (queued, running, plan) =
+            under_way(&app, "station_avg", "2024-04-05", "2024-04-07").await;
+        assert_eq!((queued, running), (0, 0), "{plan}");
+
+        // A worker with one build slot builds them, then has its SQL child idle.
+        let worker = d
+            .start_with(&[
+                ("SCHOLIA_ROLES", "worker"),
+                ("SCHOLIA_WORKER_CONCURRENCY", "1"),
+            ])
+            .await;
+        invalidation_reaches(&app, &first, "done", Duration::from_secs(60)).await;
+        eventually(
+            Duration::from_secs(30),
+            "nothing of station_avg to be under way",
+            || async {
+                let (queued, running, _) =
+                    under_way(&app, "station_avg", "2024-04-01", "2024-04-07").await;
+                (queued == 0 && running == 0).then_some(())
+            },
+        )
+        .await;
+        let children = children_of(worker.pid());
+        assert!(
+            !children.is_empty(),
+            "the worker {} has no SQL child process",
+            worker.pid()
+        );
+        // With its SQL child stopped, the worker's one build hangs while it holds the lease,
+        // and the rest waits in the queue behind it.
+        let stopped = Stopped::stop(children);
+        let second = invalidate(&app, "station_avg", "2024-04-01", "2024-04-04", "eager").await;
+        let plan = eventually(
+            Duration::from_secs(30),
+            "one partition to be running and two queued",
+            || async {
+                let (queued, running, plan) =
+                    under_way(&app, "station_avg", "2024-04-01", "2024-04-04").await;
+                assert!(
+                    queued + running == 3,
+                    "three partitions are under way: {plan}"
+                );
+                (running == 1).then_some(plan)
+            },
+        )
+        .await;
+        assert_eq!(plan["analyses"][0]["already_queued"], 2, "{plan}");
+        assert_eq!(plan["partitions_total"], 3, "{plan}");
+        let (queued, running, plan) =
+            under_way(&app, "station_avg", "2024-04-04", "2024-04-07").await;
+        assert_eq!(
+            (queued, running),
+            (0, 0),
+            "nothing outside the rewind: {plan}"
+        );
+
+        // Let go, the rewind finishes and nothing is under way.
+        drop(stopped);
+        invalidation_reaches(&app, &second, "done", Duration::from_secs(60)).await;
+        let (queued, running, plan) =
+            under_way(&app, "station_avg", "2024-04-01", "2024-04-07").await;
+        assert_eq!((queued, running), (0, 0), "{plan}");
+        drop(worker);
+    }
+);
