@@ -198,12 +198,24 @@ async function shot(page, name, options = {}) {
 }
 
 async function hoverText(page, analysis, partition) {
-  await page.hover(cellSelector(analysis, partition));
-  await waitUntil(page, `the tooltip of ${analysis} ${partition}`,
-    ([a, p]) => {
-      const t = document.getElementById('tooltip');
-      return t && !t.hidden && t.dataset.analysis === a && t.dataset.partition === p;
-    }, [analysis, partition]);
+  // Hovering scrolls the cell into view, and a scroll hides the tooltip: when that
+  // scroll lands after the hover, the tooltip is gone under a still mouse. Move away
+  // and hover again until it shows.
+  const deadline = Date.now() + deadlineMs;
+  for (;;) {
+    await page.mouse.move(0, 0);
+    await page.hover(cellSelector(analysis, partition));
+    try {
+      await waitUntil(page, `the tooltip of ${analysis} ${partition}`,
+        ([a, p]) => {
+          const t = document.getElementById('tooltip');
+          return t && !t.hidden && t.dataset.analysis === a && t.dataset.partition === p;
+        }, [analysis, partition], 2000);
+      break;
+    } catch (e) {
+      if (Date.now() > deadline) throw new Error(`timed out after ${deadlineMs} ms waiting for the tooltip of ${analysis} ${partition}`);
+    }
+  }
   return page.$eval('#tooltip', (t) => t.innerText);
 }
 
