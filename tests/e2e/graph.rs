@@ -1096,3 +1096,67 @@ both_backends!(
         invalidation_reaches(&app, &bulk, "done", Duration::from_secs(120)).await;
     }
 );
+
+both_backends!(
+    the_demo_registers_its_join_and_its_downstream_analysis_and_both_build,
+    |d: Deployment| async move {
+        let _streams = stream_cleanup(&d);
+        let app = d.start_demo().await;
+        // The demo sends three days of history, every ten minutes, then registers its SQL
+        // analyses; the two whole days before today are complete.
+        for name in ["reserve_margin", "high_output_days"] {
+            eventually(
+                Duration::from_secs(60),
+                &format!("the demo to register {name}"),
+                || async {
+                    let (status, _) = app.get(&format!("/v1/analyses/{name}"), ADMIN).await;
+                    (status == StatusCode::OK).then_some(())
+                },
+            )
+            .await;
+        }
+        let today = chrono::Utc::now().date_naive();
+        let from = (today - chrono::Duration::days(2)).to_string();
+        let to = today.to_string();
+
+        // The join: three regions, each hour of the day, supply against demand.
+        let margin = app.annotations("reserve_margin", &from, &to, 60).await;
+        let margins = partitions_of(&margin);
+        assert_eq!(margins.len(), 2, "{margin}");
+        for (day, part) in &margins {
+            assert_eq!(part["status"], "ready", "{day}: {part}");
+            let rows = part["rows"].as_array().unwrap();
+            assert_eq!(rows.len(), 3 * 24, "{day}: {part}");
+            for row in rows {
+                let (supply, demand) = (row["supply_mw"].as_f64(), row["demand_mw"].as_f64());
+                let (Some(supply), Some(demand)) = (supply, demand) else {
+                    panic!("{day}: a row without supply or demand: {row}");
+                };
+                let margin = row["reserve_margin"].as_f64().unwrap();
+                assert!((margin - (supply / demand - 1.0)).abs() < 1e-9, "{row}");
+            }
+        }
+
+        // The downstream: one flag per station and day, from daily_avg's annotations.
+        let flags = app.annotations("high_output_days", &from, &to, 60).await;
+        let averages = app.annotations("daily_avg", &from, &to, 60).await;
+        let averages = partitions_of(&averages);
+        for (day, part) in partitions_of(&flags) {
+            assert_eq!(part["status"], "ready", "{day}: {part}");
+            let rows = part["rows"].as_array().unwrap();
+            assert_eq!(rows.len(), 5, "five stations: {part}");
+            for row in rows {
+                let source = row["source"].as_str().unwrap();
+                let upstream = averages[&day]["rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["source"] == source)
+                    .unwrap_or_else(|| panic!("{source} missing from daily_avg of {day}"));
+                assert_eq!(row["avg_mw"], upstream["avg_mw"], "{day} {source}");
+                let high = upstream["avg_mw"].as_f64().unwrap() > 300.0;
+                assert_eq!(row["high"], high, "{day} {source}");
+            }
+        }
+    }
+);

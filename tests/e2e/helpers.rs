@@ -199,7 +199,13 @@ impl Deployment {
     }
 
     pub async fn start_with(&self, env: &[(&str, &str)]) -> TestApp {
-        TestApp::spawn(self, env).await
+        TestApp::spawn(self, "serve", env).await
+    }
+
+    /// Start a `scholia demo` process of this deployment: the service with its synthetic
+    /// producers.
+    pub async fn start_demo(&self) -> TestApp {
+        TestApp::spawn(self, "demo", &[]).await
     }
 
     /// A direct connection to the deployment's database, for independent checks.
@@ -227,14 +233,14 @@ pub struct TestApp {
 }
 
 impl TestApp {
-    async fn spawn(deployment: &Deployment, env: &[(&str, &str)]) -> TestApp {
+    async fn spawn(deployment: &Deployment, subcommand: &str, env: &[(&str, &str)]) -> TestApp {
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = deployment.dir.join(format!("server-{n}.log"));
         let address_file = deployment.dir.join(format!("server-{n}.address"));
         let log_file = std::fs::File::create(&log).expect("creating a server log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_scholia"));
         command
-            .arg("serve")
+            .arg(subcommand)
             .current_dir(&deployment.dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
