@@ -166,42 +166,83 @@ both_backends!(
             .await;
         let part = partitions_of(&body)["2024-11-10"].clone();
         assert_eq!(part["status"], "ready", "{body}");
-        // The join, computed here from what was sent.
-        let mut supply: BTreeMap<(String, String), f64> = BTreeMap::new();
-        for r in &generation_records {
-            let key = (
-                r["data"]["region"].as_str().unwrap().to_string(),
-                r["created"].as_str().unwrap()[..13].to_string(),
-            );
-            *supply.entry(key).or_default() += r["data"]["output_mw"].as_f64().unwrap();
-        }
-        let mut need: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
-        for r in &demand_records {
-            let key = (
-                r["source"].as_str().unwrap().to_string(),
-                r["created"].as_str().unwrap()[..13].to_string(),
-            );
-            let e = need.entry(key).or_default();
-            e.0 += r["data"]["demand_mw"].as_f64().unwrap();
-            e.1 += 1.0;
-        }
-        let rows = part["rows"].as_array().unwrap();
-        assert_eq!(rows.len(), supply.len(), "{part}");
-        for row in rows {
-            let key = (
-                row["region"].as_str().unwrap().to_string(),
-                row["hour"].as_str().unwrap().to_string(),
-            );
-            let s = supply[&key];
-            let (sum, n) = need[&key];
-            assert!(close(row["supply_mw"].as_f64(), Some(s)), "{row}");
-            assert!(
-                close(row["reserve_margin"].as_f64(), Some(s / (sum / n) - 1.0)),
-                "{row}"
-            );
-        }
+        assert_equals_the_join(&part, &generation_records, &demand_records);
+        let loaded = app.metric("scholia_build_frames_loaded_total").await;
+        assert_eq!(loaded, 2.0, "the first build reads each kind's frame once");
+
+        // Late records into both kinds: each frame is caught up with its own new
+        // record, not read again, and the join stays exact.
+        let late_generation = json!({"kind": "generation", "source": "n1", "created": "2024-11-10T05:40:00Z",
+            "data": {"output_mw": 77.0, "region": "north"}});
+        let late_demand = json!({"kind": "demand", "source": "south", "created": "2024-11-10T05:45:00Z",
+            "data": {"demand_mw": 999.0}});
+        ingest_ok(&app, &[late_generation.clone(), late_demand.clone()]).await;
+        let mut generation_records = generation_records;
+        let mut demand_records = demand_records;
+        generation_records.push(late_generation);
+        demand_records.push(late_demand);
+        let part = eventually(
+            Duration::from_secs(30),
+            "reserve_margin rebuilt with the late records",
+            || async {
+                let body = app
+                    .annotations("reserve_margin", "2024-11-10", "2024-11-11", 0)
+                    .await;
+                let part = partitions_of(&body)["2024-11-10"].clone();
+                (part["status"] == "ready" && part["generation"].as_i64() >= Some(2))
+                    .then_some(part)
+            },
+        )
+        .await;
+        assert_equals_the_join(&part, &generation_records, &demand_records);
+        assert_eq!(
+            app.metric("scholia_build_frames_loaded_total").await,
+            loaded,
+            "no frame read again"
+        );
+        assert!(
+            app.metric("scholia_build_frames_extended_total").await >= 2.0,
+            "both kinds' frames extended"
+        );
     }
 );
+
+/// `part` (a reserve_margin partition) equals the join computed here from what was sent.
+fn assert_equals_the_join(part: &Value, generation_records: &[Value], demand_records: &[Value]) {
+    let mut supply: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for r in generation_records {
+        let key = (
+            r["data"]["region"].as_str().unwrap().to_string(),
+            r["created"].as_str().unwrap()[..13].to_string(),
+        );
+        *supply.entry(key).or_default() += r["data"]["output_mw"].as_f64().unwrap();
+    }
+    let mut need: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    for r in demand_records {
+        let key = (
+            r["source"].as_str().unwrap().to_string(),
+            r["created"].as_str().unwrap()[..13].to_string(),
+        );
+        let e = need.entry(key).or_default();
+        e.0 += r["data"]["demand_mw"].as_f64().unwrap();
+        e.1 += 1.0;
+    }
+    let rows = part["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), supply.len(), "{part}");
+    for row in rows {
+        let key = (
+            row["region"].as_str().unwrap().to_string(),
+            row["hour"].as_str().unwrap().to_string(),
+        );
+        let s = supply[&key];
+        let (sum, n) = need[&key];
+        assert!(close(row["supply_mw"].as_f64(), Some(s)), "{row}");
+        assert!(
+            close(row["reserve_margin"].as_f64(), Some(s / (sum / n) - 1.0)),
+            "{row}"
+        );
+    }
+}
 
 /// Count `analysis.completed` events per (analysis, partition).
 async fn completions(app: &TestApp) -> BTreeMap<(String, String), Vec<i64>> {
