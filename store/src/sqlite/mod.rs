@@ -104,8 +104,8 @@ impl SqliteStore {
                 Error::unavailable(
                     "the database",
                     format!(
-                        "it has been busy writing other batches for {} ms; nothing of this batch was written, send it again shortly",
-                        wait.as_millis()
+                        "it has been busy writing other batches for {:.1} s; nothing of this batch was written, send it again shortly",
+                        wait.as_secs_f64()
                     ),
                 )
             })?;
@@ -233,6 +233,11 @@ mod tests {
             refused.err()
         );
         assert!(started.elapsed() < Duration::from_secs(2));
+        let said = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            said.contains("for 0.2 s") && said.contains("send it again"),
+            "{said}"
+        );
         drop(held);
         let tx = store.write_batch_tx().await.expect("the lock once free");
         tx.commit().await.expect("committing");
