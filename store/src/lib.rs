@@ -14,10 +14,14 @@
 //! SQLite) and holds it until commit, so `seq` order is commit order. Other writes do
 //! not take it (SQLite has one writer anyway). Readers never do.
 
+#[cfg(test)]
+mod build_history_tests;
 mod error;
 #[cfg(test)]
 mod load_tests;
 mod postgres;
+#[cfg(test)]
+mod scratch;
 mod sqlite;
 mod time;
 

@@ -15,6 +15,8 @@ use scholia_events::envelope::Envelope;
 use scholia_events::schema::KindSchema;
 use scholia_events::store::{Batch, NewRecord, RecordRow, RecordSink, Records};
 
+use crate::scratch::Scratch;
+
 /// Records per batch: half in the last second of 10:00, half in the first of 11:00.
 const BATCH: usize = 4;
 /// How long the writer and the reader race, at least.
@@ -185,45 +187,22 @@ async fn loads_never_split_a_batch(records: Arc<dyn Records>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite_a_load_holds_every_record_of_a_batch_or_none() {
-    let dir = std::env::temp_dir().join(format!("scholia-store-{}", Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("creating a test directory");
-    let url = format!("sqlite://{}", dir.join("s.db").display());
-    let store = crate::connect(Some(&url)).await.expect("opening");
+    let scratch = Scratch::sqlite();
+    let store = crate::connect(Some(&scratch.url)).await.expect("opening");
     loads_never_split_a_batch(store.records.clone()).await;
     drop(store);
-    std::fs::remove_dir_all(&dir).ok();
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgresql_a_load_holds_every_record_of_a_batch_or_none() {
-    let server = match std::env::var("SCHOLIA_TEST_DATABASE_URL") {
-        Ok(url) => url,
-        Err(_) if std::env::var_os("SCHOLIA_REQUIRE_SERVICES").is_some() => {
-            panic!("set SCHOLIA_TEST_DATABASE_URL (SCHOLIA_REQUIRE_SERVICES is set)")
-        }
-        Err(_) => {
-            eprintln!("\n*** DID NOT RUN: set SCHOLIA_TEST_DATABASE_URL ***\n");
-            return;
-        }
+    let Some(scratch) = Scratch::postgres().await else {
+        return;
     };
-    let name = format!("scholia_store_{}", Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&server)
-        .await
-        .expect("connecting to the server");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("creating the test database");
-    let url = format!("{}/{name}", server.rsplit_once('/').expect("a URL").0);
-    let store = crate::connect(Some(&url))
+    let store = crate::connect(Some(&scratch.url))
         .await
         .expect("connecting the store");
     loads_never_split_a_batch(store.records.clone()).await;
     drop(store);
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE {name} WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await
-    .expect("dropping the test database");
+    scratch.remove().await;
 }

@@ -262,32 +262,17 @@ impl PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The server's URL for tests (`SCHOLIA_TEST_DATABASE_URL`), or None to skip.
-    fn server() -> Option<String> {
-        match std::env::var("SCHOLIA_TEST_DATABASE_URL") {
-            Ok(url) => Some(url),
-            Err(_) if std::env::var_os("SCHOLIA_REQUIRE_SERVICES").is_some() => {
-                panic!("set SCHOLIA_TEST_DATABASE_URL (SCHOLIA_REQUIRE_SERVICES is set)")
-            }
-            Err(_) => None,
-        }
-    }
+    use crate::scratch::Scratch;
 
     #[tokio::test]
     async fn a_transaction_abandoned_while_it_begins_leaves_no_connection_inside_it() {
-        let Some(server) = server() else { return };
-        let name = format!("scholia_store_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&server)
+        let Some(scratch) = Scratch::postgres().await else {
+            return;
+        };
+        let store = PgStore::connect(&scratch.url)
             .await
-            .expect("connecting to the server");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .expect("creating the test database");
-        let url = format!("{}/{name}", server.rsplit_once('/').expect("a URL").0);
-        let store = PgStore::connect(&url).await.expect("connecting the store");
-        let other = PgPool::connect(&url).await.expect("a second pool");
+            .expect("connecting the store");
+        let other = PgPool::connect(&scratch.url).await.expect("a second pool");
         sqlx::query("CREATE TABLE seen (x int)")
             .execute(&store.pool)
             .await
@@ -325,12 +310,7 @@ mod tests {
         }
         store.pool.close().await;
         other.close().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {name} WITH (FORCE)"
-        )))
-        .execute(&admin)
-        .await
-        .expect("dropping the test database");
+        scratch.remove().await;
         assert_eq!(
             unseen, 0,
             "writes that went into a transaction an abandoned begin left open"

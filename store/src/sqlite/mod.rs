@@ -216,12 +216,12 @@ impl Leadership for LocalLeadership {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[tokio::test]
     async fn a_batch_that_cannot_get_the_write_lock_in_time_is_refused_as_unavailable() {
-        let dir = std::env::temp_dir().join(format!("scholia-store-{}", uuid::Uuid::new_v4()));
-        let url = format!("sqlite://{}", dir.join("s.db").display());
-        let mut store = SqliteStore::connect(&url).await.expect("opening");
+        let scratch = Scratch::sqlite();
+        let mut store = SqliteStore::connect(&scratch.url).await.expect("opening");
         store.ingest_lock_wait = Duration::from_millis(200);
 
         let held = store.write().await.expect("a write holding the lock");
@@ -241,6 +241,7 @@ mod tests {
         drop(held);
         let tx = store.write_batch_tx().await.expect("the lock once free");
         tx.commit().await.expect("committing");
-        std::fs::remove_dir_all(&dir).ok();
+        drop(store);
+        scratch.remove().await;
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::scratch::Scratch;
 use scholia_events::PartitionKey;
 use scholia_events::status::{PRIORITY_BULK, Want};
 use scholia_events::store::{
@@ -168,11 +169,9 @@ async fn the_history_keeps_the_newest_builds_of_a_partition_and_none_older_than_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite_the_history_keeps_the_newest_builds_of_a_partition_and_none_older_than_its_days()
 {
-    let dir = std::env::temp_dir().join(format!("scholia-store-{}", Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("creating a test directory");
-    let url = format!("sqlite://{}", dir.join("s.db").display());
-    let store = scholia_store::connect(Some(&url)).await.expect("opening");
-    let raw = sqlx::SqlitePool::connect(&url)
+    let scratch = Scratch::sqlite();
+    let store = crate::connect(Some(&scratch.url)).await.expect("opening");
+    let raw = sqlx::SqlitePool::connect(&scratch.url)
         .await
         .expect("a second connection");
     the_history_keeps_the_newest_builds_of_a_partition_and_none_older_than_its_days(
@@ -181,35 +180,19 @@ async fn on_sqlite_the_history_keeps_the_newest_builds_of_a_partition_and_none_o
     )
     .await;
     raw.close().await;
-    std::fs::remove_dir_all(&dir).ok();
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgresql_the_history_keeps_the_newest_builds_of_a_partition_and_none_older_than_its_days()
  {
-    let server = match std::env::var("SCHOLIA_TEST_DATABASE_URL") {
-        Ok(url) => url,
-        Err(_) if std::env::var_os("SCHOLIA_REQUIRE_SERVICES").is_some() => {
-            panic!("set SCHOLIA_TEST_DATABASE_URL (SCHOLIA_REQUIRE_SERVICES is set)")
-        }
-        Err(_) => {
-            eprintln!("\n*** DID NOT RUN: set SCHOLIA_TEST_DATABASE_URL ***\n");
-            return;
-        }
+    let Some(scratch) = Scratch::postgres().await else {
+        return;
     };
-    let name = format!("scholia_store_{}", Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&server)
-        .await
-        .expect("connecting to the server");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("creating the test database");
-    let url = format!("{}/{name}", server.rsplit_once('/').expect("a URL").0);
-    let store = scholia_store::connect(Some(&url))
+    let store = crate::connect(Some(&scratch.url))
         .await
         .expect("connecting the store");
-    let raw = sqlx::PgPool::connect(&url)
+    let raw = sqlx::PgPool::connect(&scratch.url)
         .await
         .expect("a second connection");
     the_history_keeps_the_newest_builds_of_a_partition_and_none_older_than_its_days(
@@ -218,10 +201,5 @@ async fn on_postgresql_the_history_keeps_the_newest_builds_of_a_partition_and_no
     )
     .await;
     raw.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE {name} WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await
-    .expect("dropping the test database");
+    scratch.remove().await;
 }
