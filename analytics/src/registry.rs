@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use scholia_annotation_cache::Catalog;
 use scholia_events::analysis::{AnalysisMeta, Input, InputSource, Language};
-use scholia_events::store::{Discarded, Promotion, candidate_name};
+use scholia_events::store::{AnalysisRecord, Discarded, Promotion, candidate_name};
 use scholia_events::{Error, Granularity, Result, Store};
 
 use crate::analysis::{Analysis, Inputs};
@@ -224,20 +224,8 @@ impl Registry {
         let stored = self.store.analyses.get(name).await?;
         let created = stored.is_none();
         if let Some(stored) = &stored {
-            meta.version = stored.meta.version;
             if stored.fingerprint == print {
-                if stored.meta.description != meta.description || stored.meta.key != meta.key {
-                    self.store
-                        .analyses
-                        .put(vec![(meta.clone(), print)], actor)
-                        .await?;
-                    self.catalog.insert(meta.clone());
-                }
-                return Ok(Registered {
-                    meta,
-                    changed: false,
-                    created,
-                });
+                return self.keep_computation(meta, print, stored, actor).await;
             }
             meta.version = stored.meta.version + 1;
         }
@@ -251,6 +239,31 @@ impl Registry {
             meta,
             changed: true,
             created,
+        })
+    }
+
+    /// `meta` computes what `stored` computes (the same fingerprint): it keeps the stored
+    /// version, and what changed beside the computation (the description, the declared
+    /// key) is saved.
+    async fn keep_computation(
+        &self,
+        mut meta: AnalysisMeta,
+        print: String,
+        stored: &AnalysisRecord,
+        actor: &str,
+    ) -> Result<Registered> {
+        meta.version = stored.meta.version;
+        if stored.meta.description != meta.description || stored.meta.key != meta.key {
+            self.store
+                .analyses
+                .put(vec![(meta.clone(), print)], actor)
+                .await?;
+            self.catalog.insert(meta.clone());
+        }
+        Ok(Registered {
+            meta,
+            changed: false,
+            created: false,
         })
     }
 
@@ -291,19 +304,7 @@ impl Registry {
         meta.version = live_record.meta.version + 1;
         if let Some(stored) = &stored {
             if stored.fingerprint == print {
-                meta.version = stored.meta.version;
-                if stored.meta.description != meta.description || stored.meta.key != meta.key {
-                    self.store
-                        .analyses
-                        .put(vec![(meta.clone(), print)], actor)
-                        .await?;
-                    self.catalog.insert(meta.clone());
-                }
-                return Ok(Registered {
-                    meta,
-                    changed: false,
-                    created,
-                });
+                return self.keep_computation(meta, print, stored, actor).await;
             }
             meta.version = meta.version.max(stored.meta.version + 1);
             // What the replaced candidate built is of another computation.
