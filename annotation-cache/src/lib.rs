@@ -120,6 +120,10 @@ pub struct AnnotationCache {
     /// Rendered answers, filed under the epoch their read began in; like queue states,
     /// they live 5 seconds at most, in case a change's event never arrived.
     rendered: Cache<ReadShape, Rendered>,
+    /// Ranges of an analysis whose queued builds this process raised to live priority in
+    /// the last second: ten thousand subscribers to one queued day raise it once, not
+    /// with ten thousand updates.
+    hastened: Cache<(String, PartitionKey, PartitionKey), ()>,
     changes: broadcast::Sender<Arc<LoggedEvent>>,
 }
 
@@ -148,6 +152,10 @@ impl AnnotationCache {
             })
             .time_to_live(Duration::from_secs(5))
             .build();
+        let hastened = Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(Duration::from_secs(1))
+            .build();
         let (changes, _) = broadcast::channel(4_096);
         AnnotationCache {
             core,
@@ -156,6 +164,7 @@ impl AnnotationCache {
             queue_states,
             epochs: Arc::default(),
             rendered,
+            hastened,
             changes,
         }
     }
@@ -398,16 +407,20 @@ impl AnnotationCache {
             })
             .map(|v| v.partition);
         if let (Some(first), Some(last)) = (queued.clone().min(), queued.max()) {
-            self.core
-                .store
-                .queue
-                .hasten(
-                    &meta.name,
-                    &first.to_string(),
-                    &last.next().to_string(),
-                    PRIORITY_LIVE,
-                )
-                .await?;
+            let range = (meta.name.clone(), first, last);
+            if !self.hastened.contains_key(&range) {
+                self.hastened.insert(range, ()).await;
+                self.core
+                    .store
+                    .queue
+                    .hasten(
+                        &meta.name,
+                        &first.to_string(),
+                        &last.next().to_string(),
+                        PRIORITY_LIVE,
+                    )
+                    .await?;
+            }
         }
         let wanted: Vec<PartitionKey> = views
             .iter()
