@@ -115,7 +115,6 @@ fn float(v: &Value) -> Option<f64> {
 both_backends!(
     annotations_equal_an_independent_sql_computation,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (status, body) = app.ingest(ADMIN, &two_days()).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -258,7 +257,6 @@ fn days_of_records(days: i64, per_day: usize) -> Vec<Value> {
 both_backends!(
     invalidating_two_days_rebuilds_exactly_those,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (status, body) = app.ingest(ADMIN, &days_of_records(3, 12)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -402,7 +400,6 @@ both_backends!(
 both_backends!(
     sql_analyses_are_registered_versioned_and_checked_at_run_time,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (status, _) = app.ingest(ADMIN, &days_of_records(2, 6)).await;
         assert_eq!(status, StatusCode::OK);
@@ -540,7 +537,6 @@ both_backends!(
 both_backends!(
     a_build_that_fails_leaves_only_its_partition_failed,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let note = |day: u32, note: &str| json!({"kind": "memo", "source": "m", "created": format!("2024-06-0{day}T12:00:00Z"), "data": {"note": note}});
         let (status, _) = app
@@ -602,7 +598,6 @@ both_backends!(
 both_backends!(
     a_cancelled_invalidation_stops_building,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start_with(&[("SCHOLIA_WORKER_CONCURRENCY", "1")]).await;
         let (status, body) = app.ingest(ADMIN, &days_of_records(300, 4)).await;
         assert_eq!(status, StatusCode::OK, "{body}");

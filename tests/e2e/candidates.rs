@@ -89,7 +89,6 @@ async fn delete(app: &TestApp, path: &str) -> (StatusCode, Value) {
 both_backends!(
     a_candidate_builds_beside_the_live_analysis_and_its_partitions_go_live_without_a_rebuild,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = start_with_live(&d).await;
         let (status, body) = app
             .put(
@@ -471,7 +470,6 @@ both_backends!(
 both_backends!(
     a_discarded_candidate_leaves_nothing_behind,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = start_with_live(&d).await;
         let (status, view) = put_candidate(&app, CANDIDATE_SQL).await;
         assert_eq!(status, StatusCode::CREATED, "{view}");
@@ -537,7 +535,6 @@ both_backends!(
 both_backends!(
     after_a_promotion_the_partitions_the_candidate_did_not_build_are_stale_until_rebuilt,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = start_with_live(&d).await;
         let (status, view) = put_candidate(&app, CANDIDATE_SQL).await;
         assert_eq!(status, StatusCode::CREATED, "{view}");
@@ -639,7 +636,6 @@ const MORE_READINGS_SQL: &str =
 both_backends!(
     a_diff_matches_rows_on_the_declared_key_unless_the_request_names_another,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = start_with_live(&d).await;
 
         // Bad keys are refused when the analysis is registered, naming the problem.
@@ -766,7 +762,6 @@ both_backends!(
 both_backends!(
     a_declared_key_keeps_the_version_survives_a_restart_and_is_promoted_with_its_candidate,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let mut app = start_with_live(&d).await;
         let head = log_head(&app).await;
         let (status, live) = put_live_with_key(&app, json!(["source"])).await;

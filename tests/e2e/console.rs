@@ -117,7 +117,6 @@ both_backends!(
         if !browser_ready("the console's map test") {
             return;
         }
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (from, to) = ("2024-06-01", "2024-06-05");
 
@@ -245,7 +244,6 @@ both_backends!(
         if !browser_ready("the console's progress test") {
             return;
         }
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (from, to) = ("2024-04-01", "2025-04-01");
         let year = days(from, 365);
@@ -316,7 +314,6 @@ both_backends!(
         if !browser_ready("the console's candidate test") {
             return;
         }
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (from, to) = ("2024-04-01", "2024-04-04");
         let mut records = Vec::new();

@@ -274,7 +274,6 @@ async fn register_flag(app: &TestApp) {
 both_backends!(
     a_late_upstream_record_rebuilds_the_upstream_then_the_downstream_once_each,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let day = "2024-11-15";
         ingest_ok(
@@ -328,7 +327,6 @@ both_backends!(
 both_backends!(
     a_cascading_invalidation_rebuilds_upstream_and_downstream_once_each_in_order,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let start = chrono::NaiveDate::from_ymd_opt(2024, 12, 1).unwrap();
         let records: Vec<Value> = (0..30)
@@ -396,7 +394,6 @@ both_backends!(
 both_backends!(
     the_graph_refuses_cycles_and_unknown_inputs_and_lineage_follows_it,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         register_flag(&app).await;
         let (status, info) = app
@@ -535,7 +532,6 @@ async fn scholia_cli(app: &TestApp, args: &[&str]) -> String {
 both_backends!(
     scholia_lineage_prints_the_upstream_analysis_each_annotation_was_built_through,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         register_flag(&app).await;
         let traced = generation("y", "2024-11-20T08:00:00Z", json!(120.0));
@@ -584,7 +580,6 @@ both_backends!(
 both_backends!(
     invalidating_with_no_cascade_leaves_the_downstream_out_of_the_plan,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let records: Vec<Value> = ["2024-11-01", "2024-11-02", "2024-11-03"]
             .iter()
@@ -662,7 +657,6 @@ both_backends!(
 both_backends!(
     a_daily_analysis_over_an_hourly_one_reads_its_day_s_24_hours_with_their_keys,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         // Every hour of the day, and the hours either side of it, which it must not read.
         let start = chrono::NaiveDate::from_ymd_opt(2024, 11, 20)
@@ -749,7 +743,6 @@ both_backends!(
 both_backends!(
     a_late_record_before_midnight_rebuilds_its_day_and_the_next_day_that_looks_back_at_it,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let days = ["2024-11-25", "2024-11-26", "2024-11-27"];
         let mut records = Vec::new();
@@ -888,7 +881,6 @@ async fn started_after(app: &TestApp, after: i64) -> Vec<(String, String)> {
 both_backends!(
     cancelling_an_eager_cascade_mid_run_stops_both_levels_with_the_counts_right,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let start = chrono::NaiveDate::from_ymd_opt(2024, 8, 1).unwrap();
         ingest_ok(&app, &one_a_day(start, 90)).await;
@@ -952,7 +944,6 @@ both_backends!(
 both_backends!(
     a_burst_into_an_upstream_day_costs_a_handful_of_rebuilds_at_each_level,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let day = "2024-11-12";
         ingest_ok(
@@ -1057,7 +1048,6 @@ async fn invalidate_alone(app: &TestApp, analysis: &str, from: &str, to: &str) -
 both_backends!(
     a_live_read_of_a_downstream_day_pulls_its_upstream_ahead_of_bulk_work,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let start = chrono::NaiveDate::from_ymd_opt(2023, 1, 1).unwrap();
         let days = 400;
@@ -1104,7 +1094,6 @@ both_backends!(
 both_backends!(
     a_live_read_of_a_day_queued_behind_bulk_work_moves_it_ahead,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let start = chrono::NaiveDate::from_ymd_opt(2023, 1, 1).unwrap();
         let days = 400;
@@ -1141,7 +1130,6 @@ both_backends!(
 both_backends!(
     the_demo_registers_its_join_and_its_downstream_analysis_and_both_build,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start_demo().await;
         // The demo sends three days of history, every ten minutes, then registers its SQL
         // analyses; the two whole days before today are complete.

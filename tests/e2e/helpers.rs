@@ -148,6 +148,14 @@ pub struct Deployment {
     pub dir: PathBuf,
 }
 
+/// A deployment's NATS stream goes with it (after its processes: the apps a test starts
+/// are dropped before the deployment it was given).
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        drop(stream_cleanup(self));
+    }
+}
+
 impl Deployment {
     /// A fresh deployment, or `None` when the backend's services are missing.
     pub async fn new(backend: Backend, test: &str) -> Option<Deployment> {
@@ -595,12 +603,12 @@ pub fn close(a: Option<f64>, b: Option<f64>) -> bool {
     }
 }
 
-/// Deletes the deployment's NATS stream when dropped (declare it before the apps, so
-/// that it drops after them): each stream reserves storage on the shared NATS server,
-/// and streams left behind by finished tests would exhaust it.
-pub struct StreamCleanup(Option<(String, String)>);
+/// Deletes the deployment's NATS stream when dropped: each stream reserves storage on
+/// the shared NATS server, and streams left behind by finished tests would exhaust it
+/// (JetStream then refuses new streams, "insufficient storage resources").
+struct StreamCleanup(Option<(String, String)>);
 
-pub fn stream_cleanup(d: &Deployment) -> StreamCleanup {
+fn stream_cleanup(d: &Deployment) -> StreamCleanup {
     StreamCleanup(
         d.nats_url
             .clone()

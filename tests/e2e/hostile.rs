@@ -479,7 +479,6 @@ async fn kind_declarations_reach_every_ingest_process_within_seconds() {
     let Some(d) = Deployment::new(Backend::Postgres, "declarations").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let a = d.start_with(&[("SCHOLIA_ROLES", "ingest,cache")]).await;
     let b = d.start_with(&[("SCHOLIA_ROLES", "ingest")]).await;
     let (status, _) = b
@@ -555,7 +554,6 @@ async fn database_outages_answer_503_with_retry_after_and_never_500() {
     let Some(d) = Deployment::new(Backend::Postgres, "outage_503").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let app = d.start().await;
     let pool = d.pg().await;
     let database = d.database_url.rsplit('/').next().unwrap().to_string();
@@ -591,7 +589,6 @@ async fn database_outages_answer_503_with_retry_after_and_never_500() {
 both_backends!(
     an_annotation_larger_than_a_websocket_buffer_reaches_its_subscribers,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let note = "n".repeat(120);
         let records: Vec<Value> = (0..12_000)
@@ -641,7 +638,6 @@ both_backends!(
 both_backends!(
     websockets_and_subscriptions_per_token_are_bounded_and_given_back,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d
             .start_with(&[
                 ("SCHOLIA_MAX_SOCKETS_PER_TOKEN", "2"),

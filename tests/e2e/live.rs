@@ -34,7 +34,6 @@ fn generation_of(p: &Value) -> i64 {
 both_backends!(
     late_records_rebuild_only_their_day_and_bursts_coalesce,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let days = ["2024-07-01", "2024-07-02", "2024-07-03"];
         let mut records = Vec::new();
@@ -171,7 +170,6 @@ both_backends!(
 both_backends!(
     lineage_names_the_annotations_built_from_a_record,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let traced = generation("t1", "2024-08-10T13:30:00Z", json!(42.0));
         let id: Uuid = serde_json::from_value(traced["data_id"].clone()).unwrap();
@@ -265,7 +263,6 @@ both_backends!(
 );
 
 both_backends!(bad_schedules_are_refused, |d: Deployment| async move {
-    let _streams = stream_cleanup(&d);
     let app = d.start().await;
     for (cron, window, what) in [
         ("* * * *", "P1D", "five fields"),
@@ -319,7 +316,6 @@ async fn a_schedule_fires_once_per_slot_across_two_processes() {
     let Some(d) = Deployment::new(Backend::Postgres, "schedules").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let one = d.start().await;
     let two = d.start().await;
     let today = Utc::now().date_naive();
@@ -418,7 +414,6 @@ async fn three_workers_rebuild_sixty_days_once_each_despite_a_kill_9() {
     let Some(d) = Deployment::new(Backend::Postgres, "three_workers").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let front = d.start_with(&[("SCHOLIA_ROLES", "ingest,cache")]).await;
     let mut workers = Vec::new();
     for _ in 0..3 {
@@ -528,7 +523,6 @@ async fn three_workers_rebuild_sixty_days_once_each_despite_a_kill_9() {
 both_backends!(
     rewinding_reuses_loaded_frames_and_still_sees_records_that_arrive,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let days = ["2024-08-01", "2024-08-02", "2024-08-03"];
         let mut records = Vec::new();

@@ -122,7 +122,6 @@ async fn events_after(app: &TestApp, after: i64, kind: &str) -> BTreeSet<(String
 both_backends!(
     a_dry_run_plans_exactly_what_the_real_run_builds_and_changes_nothing,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         ingest_all(&app, &days_of_records(6, 12)).await;
         put_analysis(&app, "station_avg", json!({"kind": "generation", "sql": "SELECT source, AVG(output_mw) AS avg_mw FROM generation GROUP BY source"})).await;
@@ -272,7 +271,6 @@ both_backends!(
 both_backends!(
     the_estimate_is_within_five_times_the_real_run,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let days = 40;
         ingest_all(&app, &days_of_records(days, 300)).await;
@@ -321,7 +319,6 @@ both_backends!(
 both_backends!(
     a_failed_build_is_in_the_history_and_a_retry_rebuilds_only_it,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let note = |day: u32, hour: u32, note: &str| json!({"kind": "memo", "source": "m", "created": format!("2024-06-0{day}T{hour:02}:00:00Z"), "data": {"note": note}});
         let (status, body) = app
@@ -596,7 +593,6 @@ async fn under_way(app: &TestApp, analysis: &str, from: &str, to: &str) -> (u64,
 both_backends!(
     a_dry_run_reports_what_is_already_queued_and_running,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         // No worker: what an eager invalidation queues stays queued.
         let app = d.start_with(&[("SCHOLIA_ROLES", "ingest,cache")]).await;
         ingest_all(&app, &days_of_records(6, 12)).await;

@@ -55,7 +55,6 @@ async fn ingest_ok(app: &TestApp, records: &[Value]) {
 both_backends!(
     acknowledged_records_reach_their_annotation_though_the_process_is_killed_after_each_batch,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let day = "2024-09-01";
         let mut app = d.start().await;
         ingest_ok(&app, &spread("k9", day, 100)).await;
@@ -86,7 +85,6 @@ both_backends!(
 both_backends!(
     a_late_record_after_an_invalidation_of_80000_hours_is_rebuilt_and_pushed,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let (status, body) = app
             .put(
@@ -145,7 +143,6 @@ both_backends!(
 both_backends!(
     a_batch_over_5001_scattered_hours_is_logged_as_several_events_that_together_name_every_hour,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let app = d.start().await;
         let head = log_head(&app).await;
         // One record every other hour: 5,001 hours, no two adjacent, so 5,001 runs.
@@ -238,7 +235,6 @@ async fn a_killed_workers_partition_is_rebuilt_by_another_within_10_seconds() {
     let Some(d) = Deployment::new(Backend::Postgres, "lease_takeover").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let app = d
         .start_with(&[("SCHOLIA_ROLES", "ingest,cache,visualizer")])
         .await;
@@ -292,7 +288,6 @@ async fn a_partition_whose_builds_keep_killing_their_worker_is_failed_and_others
     let Some(d) = Deployment::new(Backend::Postgres, "poison").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let app = d.start_with(&[("SCHOLIA_ROLES", "ingest,cache")]).await;
     let (poison, fine) = ("2024-09-04", "2024-09-05");
     ingest_ok(&app, &spread("p", poison, 20)).await;
@@ -448,7 +443,6 @@ impl Leases {
 both_backends!(
     a_partition_whose_builds_keep_killing_the_whole_process_is_failed_after_restarts_and_others_flow,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         // One build slot, so that builds take the one idle computation process in turn.
         let env = [("SCHOLIA_WORKER_CONCURRENCY", "1")];
         let mut app = d.start_with(&env).await;
@@ -580,7 +574,6 @@ async fn a_stream_pushed_past_its_capacity_lets_old_events_go_and_work_still_flo
     let Some(d) = Deployment::new(Backend::Postgres, "stream_capacity").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let app = d.start_with(&[("SCHOLIA_NATS_MAX_MB", "1")]).await;
     let day = "2024-09-07";
     ingest_ok(&app, &spread("c", day, 10)).await;
@@ -654,7 +647,6 @@ async fn tasks_whose_database_connections_die_come_back_and_say_so() {
     let Some(d) = Deployment::new(Backend::Postgres, "task_restarts").await else {
         return;
     };
-    let _streams = stream_cleanup(&d);
     let app = d.start().await;
     let (_, ready) = app.get("/readyz", ADMIN).await;
     assert_eq!(ready["status"], "ok", "{ready}");
@@ -738,7 +730,6 @@ async fn tasks_whose_database_connections_die_come_back_and_say_so() {
 both_backends!(
     a_restarted_worker_rebuilds_from_its_frame_files_and_never_from_a_stale_one,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let day = "2024-08-01";
         let mut app = d.start().await;
         ingest_ok(&app, &spread("f1", day, 500)).await;
@@ -788,7 +779,6 @@ both_backends!(
 both_backends!(
     a_cached_read_never_answers_what_a_commit_replaced,
     |d: Deployment| async move {
-        let _streams = stream_cleanup(&d);
         let day = "2024-08-03";
         let app = d.start().await;
         ingest_ok(&app, &spread("c1", day, 10)).await;
