@@ -184,11 +184,21 @@ impl FrameCache {
         }
         let frames = self.frames.clone();
         let writes_due = self.writes_due.clone();
+        // A write now takes this frame; a later one takes the span's newest frame then,
+        // and none if memory let it go meanwhile (the file, older, is still exact): a
+        // write waiting out its delay holds no frame of its own.
+        let now = delay.is_zero().then_some(entry);
         // Short-lived: it ends with its write.
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             writes_due.lock().expect("writes lock").remove(&key);
-            let newest = frames.get(&key).await.unwrap_or(entry);
+            let newest = match frames.get(&key).await {
+                Some(newest) => newest,
+                None => match now {
+                    Some(entry) => entry,
+                    None => return,
+                },
+            };
             let _ = tokio::task::spawn_blocking(move || {
                 files.write(&key.kind, key.from, key.to, &newest.schema, &newest.input)
             })
