@@ -231,15 +231,21 @@ impl Registry {
         }
         let mut changes = vec![(meta.clone(), print)];
         changes.extend(self.downstream_bumps(&meta)?);
-        self.store.analyses.put(changes.clone(), actor).await?;
-        for (changed, _) in changes {
-            self.catalog.insert(changed);
-        }
+        self.save(changes, actor).await?;
         Ok(Registered {
             meta,
             changed: true,
             created,
         })
+    }
+
+    /// Store definitions (with their fingerprints), then serve them from the catalog.
+    async fn save(&self, changes: Vec<(AnalysisMeta, String)>, actor: &str) -> Result<()> {
+        self.store.analyses.put(changes.clone(), actor).await?;
+        for (changed, _) in changes {
+            self.catalog.insert(changed);
+        }
+        Ok(())
     }
 
     /// `meta` computes what `stored` computes (the same fingerprint): it keeps the stored
@@ -254,11 +260,7 @@ impl Registry {
     ) -> Result<Registered> {
         meta.version = stored.meta.version;
         if stored.meta.description != meta.description || stored.meta.key != meta.key {
-            self.store
-                .analyses
-                .put(vec![(meta.clone(), print)], actor)
-                .await?;
-            self.catalog.insert(meta.clone());
+            self.save(vec![(meta.clone(), print)], actor).await?;
         }
         Ok(Registered {
             meta,
@@ -310,11 +312,7 @@ impl Registry {
             // What the replaced candidate built is of another computation.
             self.store.analyses.discard(&stored_name, actor).await?;
         }
-        self.store
-            .analyses
-            .put(vec![(meta.clone(), print)], actor)
-            .await?;
-        self.catalog.insert(meta.clone());
+        self.save(vec![(meta.clone(), print)], actor).await?;
         Ok(Registered {
             meta,
             changed: true,
