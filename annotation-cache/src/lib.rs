@@ -106,8 +106,13 @@ pub(crate) struct ReadShape {
     pub(crate) epoch: u64,
 }
 
+/// Cloned by every request that reads annotations: a clone is one reference count.
 #[derive(Clone)]
 pub struct AnnotationCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     core: Core,
     catalog: Catalog,
     annotations: Cache<(String, PartitionKey), Option<Arc<StoredAnnotation>>>,
@@ -158,32 +163,34 @@ impl AnnotationCache {
             .build();
         let (changes, _) = broadcast::channel(4_096);
         AnnotationCache {
-            core,
-            catalog,
-            annotations,
-            queue_states,
-            epochs: Arc::default(),
-            rendered,
-            hastened,
-            changes,
+            inner: Arc::new(Inner {
+                core,
+                catalog,
+                annotations,
+                queue_states,
+                epochs: Arc::default(),
+                rendered,
+                hastened,
+                changes,
+            }),
         }
     }
 
     pub fn core(&self) -> &Core {
-        &self.core
+        &self.inner.core
     }
 
     pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+        &self.inner.catalog
     }
 
     /// `analysis.*` events, after this cache has applied them.
     pub fn changes(&self) -> broadcast::Receiver<Arc<LoggedEvent>> {
-        self.changes.subscribe()
+        self.inner.changes.subscribe()
     }
 
     fn epoch(&self, analysis: &str) -> Arc<AtomicU64> {
-        self.epochs
+        self.inner.epochs
             .lock()
             .expect("epochs lock")
             .entry(analysis.to_string())
@@ -209,13 +216,13 @@ impl AnnotationCache {
     }
 
     pub(crate) async fn rendered(&self, shape: &ReadShape) -> Option<Rendered> {
-        self.rendered.get(shape).await
+        self.inner.rendered.get(shape).await
     }
 
     /// Keep a read's answer, unless something changed since the read began.
     pub(crate) async fn keep_rendered(&self, shape: ReadShape, rendered: Rendered) {
         if self.epoch(&shape.analysis).load(Ordering::SeqCst) == shape.epoch {
-            self.rendered.insert(shape, rendered).await;
+            self.inner.rendered.insert(shape, rendered).await;
         }
     }
 
@@ -224,14 +231,14 @@ impl AnnotationCache {
     }
 
     fn bump_all(&self) {
-        for epoch in self.epochs.lock().expect("epochs lock").values() {
+        for epoch in self.inner.epochs.lock().expect("epochs lock").values() {
             epoch.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     /// Evict what the bus says changed, then tell local listeners.
     pub async fn follow_bus(self, shutdown: CancellationToken) -> Result<()> {
-        let mut sub = self.core.bus.subscribe(EventFilter::All).await?;
+        let mut sub = self.inner.core.bus.subscribe(EventFilter::All).await?;
         loop {
             let delivery = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -242,10 +249,10 @@ impl AnnotationCache {
                 Some(Delivery::Lagged) => {
                     tracing::warn!("The cache fell behind the bus; dropping everything it held");
                     self.bump_all();
-                    self.annotations.invalidate_all();
-                    self.queue_states.invalidate_all();
-                    self.rendered.invalidate_all();
-                    if let Err(error) = self.catalog.refresh().await {
+                    self.inner.annotations.invalidate_all();
+                    self.inner.queue_states.invalidate_all();
+                    self.inner.rendered.invalidate_all();
+                    if let Err(error) = self.inner.catalog.refresh().await {
                         tracing::warn!(error = %error, "Cannot reload analyses");
                     }
                 }
@@ -261,7 +268,7 @@ impl AnnotationCache {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             }
-            if let Err(error) = self.catalog.refresh().await {
+            if let Err(error) = self.inner.catalog.refresh().await {
                 tracing::warn!(error = %error, "Cannot reload analyses");
             }
         }
@@ -279,18 +286,18 @@ impl AnnotationCache {
         self.bump(analysis);
         match &event.body {
             EventBody::AnalysisCompleted { partition, .. } => {
-                self.annotations
+                self.inner.annotations
                     .invalidate(&(analysis.to_string(), *partition))
                     .await;
             }
             EventBody::AnalysisRegistered { .. } => {
-                if let Err(error) = self.catalog.refresh().await {
+                if let Err(error) = self.inner.catalog.refresh().await {
                     tracing::warn!(error = %error, "Cannot reload analyses");
                 }
             }
             _ => {}
         }
-        let _ = self.changes.send(event);
+        let _ = self.inner.changes.send(event);
     }
 
     async fn states(
@@ -300,9 +307,9 @@ impl AnnotationCache {
         last: PartitionKey,
     ) -> Result<StateSnapshot> {
         let epoch = self.epoch(analysis).load(Ordering::SeqCst);
-        let queue = self.core.store.queue.clone();
+        let queue = self.inner.core.store.queue.clone();
         let name = analysis.to_string();
-        self.queue_states
+        self.inner.queue_states
             .try_get_with((analysis.to_string(), first, last, epoch), async move {
                 let states = queue
                     .states(&name, &first.to_string(), &last.next().to_string())
@@ -324,7 +331,7 @@ impl AnnotationCache {
         let mut found = BTreeMap::new();
         let mut missing = Vec::new();
         for key in keys {
-            match self.annotations.get(&(analysis.to_string(), *key)).await {
+            match self.inner.annotations.get(&(analysis.to_string(), *key)).await {
                 Some(Some(stored)) => {
                     found.insert(*key, stored);
                 }
@@ -336,6 +343,7 @@ impl AnnotationCache {
             let epoch = self.epoch(analysis);
             let before = epoch.load(Ordering::SeqCst);
             let loaded: HashMap<PartitionKey, Arc<StoredAnnotation>> = self
+                .inner
                 .core
                 .store
                 .annotations
@@ -349,7 +357,7 @@ impl AnnotationCache {
             for key in &missing {
                 let value = loaded.get(key).cloned();
                 if keep {
-                    self.annotations
+                    self.inner.annotations
                         .insert((analysis.to_string(), *key), value.clone())
                         .await;
                 }
@@ -408,9 +416,9 @@ impl AnnotationCache {
             .map(|v| v.partition);
         if let (Some(first), Some(last)) = (queued.clone().min(), queued.max()) {
             let range = (meta.name.clone(), first, last);
-            if !self.hastened.contains_key(&range) {
-                self.hastened.insert(range, ()).await;
-                self.core
+            if !self.inner.hastened.contains_key(&range) {
+                self.inner.hastened.insert(range, ()).await;
+                self.inner.core
                     .store
                     .queue
                     .hasten(
@@ -431,6 +439,7 @@ impl AnnotationCache {
             return Ok(wanted);
         }
         let requested = self
+            .inner
             .core
             .store
             .queue
@@ -453,13 +462,14 @@ impl AnnotationCache {
     /// had cached of the partition at once, before the bus says so.
     pub async fn commit(&self, claim: &Claim, annotation: &NewAnnotation) -> Result<Committed> {
         let committed = self
+            .inner
             .core
             .store
             .annotations
             .commit(claim, annotation)
             .await?;
         self.bump(&claim.analysis);
-        self.annotations
+        self.inner.annotations
             .invalidate(&(claim.analysis.clone(), claim.partition))
             .await;
         Ok(committed)
@@ -468,7 +478,7 @@ impl AnnotationCache {
 
 impl axum::extract::FromRef<AnnotationCache> for Core {
     fn from_ref(cache: &AnnotationCache) -> Core {
-        cache.core.clone()
+        cache.inner.core.clone()
     }
 }
 

@@ -186,7 +186,7 @@ async fn get_annotations(
         }
     };
     let wait = parse_wait(q.wait.as_deref())?;
-    let meta = cache.catalog.find(&name).await?;
+    let meta = cache.catalog().find(&name).await?;
     // The same read answered again while nothing changed costs no rendering.
     let shape = cache.read_shape(&meta.name, from, to, format);
     if let Some(rendered) = cache.rendered(&shape).await
@@ -279,7 +279,7 @@ async fn wait_for(
     actor: &str,
 ) -> ApiResult<Vec<PartitionView>> {
     let mut changes = cache.changes();
-    let shutdown = cache.core.supervisor.shutdown().clone();
+    let shutdown = cache.core().supervisor.shutdown().clone();
     cache.request_missing(meta, &views, actor).await?;
     loop {
         if settled(&views) || Instant::now() >= deadline || shutdown.is_cancelled() {
@@ -368,7 +368,7 @@ async fn lineage(
 ) -> ApiResult<axum::Json<Lineage>> {
     let id = Uuid::parse_str(&data_id)
         .map_err(|_| ApiError::bad_request(format!("{data_id:?} is not a UUID.")))?;
-    let store = &cache.core.store;
+    let store = &cache.core().store;
     let record = store
         .records
         .get(id)
@@ -394,7 +394,7 @@ async fn lineage(
                 if !seen.insert(found.clone()) {
                     continue;
                 }
-                let Some(meta) = cache.catalog.get(&found.analysis) else {
+                let Some(meta) = cache.catalog().get(&found.analysis) else {
                     continue;
                 };
                 let stored = cache.stored(&found.analysis, &[found.partition]).await?;
@@ -427,7 +427,7 @@ async fn lineage(
 
     let built: BTreeSet<&str> = annotations.iter().map(|a| a.analysis.as_str()).collect();
     let mut not_yet_built: Vec<Pending> = cache
-        .catalog
+        .catalog()
         .readers(&InputSource::Kind(kind.clone()))
         .iter()
         .filter(|meta| !built.contains(meta.name.as_str()))
@@ -496,7 +496,7 @@ async fn read_log(
         return Err(ApiError::bad_request("Give after as a seq, 0 or more."));
     }
     let events = cache
-        .core
+        .core()
         .store
         .log
         .read_after(after, limit as usize)

@@ -19,4 +19,4 @@ pub use common::{log_failures, not_found, router as common_router};
 pub use error::{
     ApiError, ApiResult, AppJson, AppPath, AppQuery, Problem, ProblemBody, parse_range, sentence,
 };
-pub use state::Core;
+pub use state::{Core, CoreParts};

@@ -1,5 +1,6 @@
 //! What every router of a process shares.
 
+use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -11,9 +12,13 @@ use scholia_events::{Bus, Store};
 use crate::auth::Auth;
 
 /// The state common to every component: stores, bus, auth, metrics, and how the process
-/// is doing. Component states hold one and hand it to the extractors (`FromRef`).
+/// is doing. Component states hold one and hand it to the extractors (`FromRef`), which
+/// clone it on every request: a clone is one reference count, not one per store.
 #[derive(Clone)]
-pub struct Core {
+pub struct Core(Arc<CoreParts>);
+
+/// What a [`Core`] holds (its fields are reached through the `Core`).
+pub struct CoreParts {
     pub store: Store,
     pub bus: Arc<dyn Bus>,
     pub auth: Auth,
@@ -35,7 +40,7 @@ impl Core {
         relay: Arc<RelayStatus>,
         roles: Vec<String>,
     ) -> Self {
-        Core {
+        Core(Arc::new(CoreParts {
             auth: Auth::new(store.tokens.clone()),
             store,
             bus,
@@ -45,6 +50,14 @@ impl Core {
             roles: Arc::new(roles),
             started: Instant::now(),
             openapi: Arc::default(),
-        }
+        }))
+    }
+}
+
+impl Deref for Core {
+    type Target = CoreParts;
+
+    fn deref(&self) -> &CoreParts {
+        &self.0
     }
 }
