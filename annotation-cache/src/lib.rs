@@ -190,7 +190,8 @@ impl AnnotationCache {
     }
 
     fn epoch(&self, analysis: &str) -> Arc<AtomicU64> {
-        self.inner.epochs
+        self.inner
+            .epochs
             .lock()
             .expect("epochs lock")
             .entry(analysis.to_string())
@@ -286,7 +287,8 @@ impl AnnotationCache {
         self.bump(analysis);
         match &event.body {
             EventBody::AnalysisCompleted { partition, .. } => {
-                self.inner.annotations
+                self.inner
+                    .annotations
                     .invalidate(&(analysis.to_string(), *partition))
                     .await;
             }
@@ -309,7 +311,8 @@ impl AnnotationCache {
         let epoch = self.epoch(analysis).load(Ordering::SeqCst);
         let queue = self.inner.core.store.queue.clone();
         let name = analysis.to_string();
-        self.inner.queue_states
+        self.inner
+            .queue_states
             .try_get_with((analysis.to_string(), first, last, epoch), async move {
                 let states = queue
                     .states(&name, &first.to_string(), &last.next().to_string())
@@ -331,7 +334,12 @@ impl AnnotationCache {
         let mut found = BTreeMap::new();
         let mut missing = Vec::new();
         for key in keys {
-            match self.inner.annotations.get(&(analysis.to_string(), *key)).await {
+            match self
+                .inner
+                .annotations
+                .get(&(analysis.to_string(), *key))
+                .await
+            {
                 Some(Some(stored)) => {
                     found.insert(*key, stored);
                 }
@@ -357,7 +365,8 @@ impl AnnotationCache {
             for key in &missing {
                 let value = loaded.get(key).cloned();
                 if keep {
-                    self.inner.annotations
+                    self.inner
+                        .annotations
                         .insert((analysis.to_string(), *key), value.clone())
                         .await;
                 }
@@ -418,7 +427,8 @@ impl AnnotationCache {
             let range = (meta.name.clone(), first, last);
             if !self.inner.hastened.contains_key(&range) {
                 self.inner.hastened.insert(range, ()).await;
-                self.inner.core
+                self.inner
+                    .core
                     .store
                     .queue
                     .hasten(
@@ -469,7 +479,8 @@ impl AnnotationCache {
             .commit(claim, annotation)
             .await?;
         self.bump(&claim.analysis);
-        self.inner.annotations
+        self.inner
+            .annotations
             .invalidate(&(claim.analysis.clone(), claim.partition))
             .await;
         Ok(committed)
