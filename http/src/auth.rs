@@ -22,7 +22,7 @@ pub struct Auth {
     tokens: Arc<dyn Tokens>,
     /// Secret hash → token (or `None` for an unknown secret). Revocation in this process
     /// clears it at once; other processes see it within the time to live.
-    cache: Cache<String, Option<Token>>,
+    cache: Cache<String, Option<Arc<Token>>>,
 }
 
 impl Auth {
@@ -36,22 +36,28 @@ impl Auth {
         }
     }
 
-    /// The token of `secret`, if it has `scope`.
-    pub async fn check(&self, secret: &str, scope: Scope) -> Result<Token, ApiError> {
+    /// The token of `secret`, if it has `scope`. A cached lookup is shared, not copied.
+    pub async fn check(&self, secret: &str, scope: Scope) -> Result<Arc<Token>, ApiError> {
         let hash = token::hash_secret(secret);
-        let tokens = self.tokens.clone();
-        let lookup = hash.clone();
-        let found = self
-            .cache
-            .try_get_with(hash, async move { tokens.lookup(&lookup).await })
-            .await
-            .map_err(|e| match Arc::try_unwrap(e) {
-                Ok(e) => ApiError::from(e),
-                Err(shared) => ApiError::from(scholia_events::Error::unavailable(
-                    "the database",
-                    shared.to_string(),
-                )),
-            })?;
+        let found = match self.cache.get(&hash).await {
+            Some(found) => found,
+            None => {
+                let tokens = self.tokens.clone();
+                let lookup = hash.clone();
+                self.cache
+                    .try_get_with(hash, async move {
+                        tokens.lookup(&lookup).await.map(|t| t.map(Arc::new))
+                    })
+                    .await
+                    .map_err(|e| match Arc::try_unwrap(e) {
+                        Ok(e) => ApiError::from(e),
+                        Err(shared) => ApiError::from(scholia_events::Error::unavailable(
+                            "the database",
+                            shared.to_string(),
+                        )),
+                    })?
+            }
+        };
         let token = found.ok_or_else(|| {
             ApiError::unauthorized(
                 "This token is unknown or was revoked; ask an admin for a new one.",
@@ -135,7 +141,7 @@ fn percent_decode(text: &str) -> String {
 macro_rules! scoped {
     ($(#[$meta:meta])* $name:ident, $scope:expr, $query:expr) => {
         $(#[$meta])*
-        pub struct $name(pub Token);
+        pub struct $name(pub Arc<Token>);
 
         impl<S> FromRequestParts<S> for $name
         where
