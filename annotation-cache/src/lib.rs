@@ -121,7 +121,7 @@ struct Inner {
     /// Per analysis, bumped whenever something about it changes. A read that started
     /// before a bump may have seen the old state, so what it loaded is filed under its old
     /// epoch (queue states) or not kept at all (annotations).
-    epochs: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
+    epochs: Mutex<HashMap<String, Arc<AtomicU64>>>,
     /// Rendered answers, filed under the epoch their read began in; like queue states,
     /// they live 5 seconds at most, in case a change's event never arrived.
     rendered: Cache<ReadShape, Rendered>,
@@ -168,7 +168,7 @@ impl AnnotationCache {
                 catalog,
                 annotations,
                 queue_states,
-                epochs: Arc::default(),
+                epochs: Mutex::default(),
                 rendered,
                 hastened,
                 changes,

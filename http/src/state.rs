@@ -26,10 +26,10 @@ pub struct CoreParts {
     pub supervisor: Supervisor,
     pub relay: Arc<RelayStatus>,
     /// The roles this process runs, for `/healthz`.
-    pub roles: Arc<Vec<String>>,
+    pub roles: Vec<String>,
     pub started: Instant,
     /// The OpenAPI document of what this process serves, set once its routers are built.
-    pub openapi: Arc<OnceLock<String>>,
+    pub openapi: OnceLock<String>,
 }
 
 impl Core {
@@ -47,9 +47,9 @@ impl Core {
             metrics: Arc::new(Metrics::default()),
             supervisor,
             relay,
-            roles: Arc::new(roles),
+            roles,
             started: Instant::now(),
-            openapi: Arc::default(),
+            openapi: OnceLock::new(),
         }))
     }
 }
