@@ -189,14 +189,13 @@ impl AnnotationCache {
         self.inner.changes.subscribe()
     }
 
+    /// Every cached read asks: an analysis already known costs no allocation.
     fn epoch(&self, analysis: &str) -> Arc<AtomicU64> {
-        self.inner
-            .epochs
-            .lock()
-            .expect("epochs lock")
-            .entry(analysis.to_string())
-            .or_default()
-            .clone()
+        let mut epochs = self.inner.epochs.lock().expect("epochs lock");
+        if let Some(epoch) = epochs.get(analysis) {
+            return epoch.clone();
+        }
+        epochs.entry(analysis.to_string()).or_default().clone()
     }
 
     /// The shape of a read of `analysis` beginning now.
