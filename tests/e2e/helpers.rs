@@ -139,7 +139,7 @@ mod local {
 }
 
 /// The configuration of one test's deployment: its own database and subject prefix.
-#[derive(Clone)]
+/// Not `Clone`: dropping it deletes its NATS stream, so there must be one of it.
 pub struct Deployment {
     pub backend: Backend,
     pub database_url: String,
