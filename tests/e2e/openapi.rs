@@ -130,7 +130,7 @@ impl<'a> Checker<'a> {
         if let Some(body) = call.body {
             request = request.body(body);
         }
-        let response = request.send().await.expect("the server answers");
+        let response = send_past_early_answers(request).await;
         let exchange = Exchange {
             method: call.method,
             template: call.template,
@@ -1491,4 +1491,36 @@ async fn every_answer_is_what_the_openapi_document_says() {
         ..undocumented
     };
     assert!(check_against(&c.validator, &doc, &teapot).is_err());
+}
+
+/// Send `request`. A server that refuses a body by its declared length (413) answers
+/// before reading it and closes the connection; a client still writing the body may then
+/// see a broken pipe instead of the answer. That race is TCP's, not the server's: send
+/// again (a few times at most) until the answer is read.
+async fn send_past_early_answers(request: reqwest::RequestBuilder) -> reqwest::Response {
+    let mut attempts = 0;
+    loop {
+        let attempt = request.try_clone().expect("request bodies here are bytes");
+        match attempt.send().await {
+            Ok(response) => return response,
+            Err(error) if attempts < 4 && cut_off_while_sending(&error) => attempts += 1,
+            Err(error) => panic!("the server answers: {error:?}"),
+        }
+    }
+}
+
+fn cut_off_while_sending(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
