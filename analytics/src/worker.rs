@@ -137,6 +137,22 @@ impl Workers {
             let w = w.clone();
             async move { crate::schedule::run(&w.cache, &w.registry, stop).await }
         });
+        // On a graceful stop, the frame files still being written are finished, so that
+        // the next process rebuilds from them rather than from the database.
+        let frames = self.frames.clone();
+        supervisor.spawn("frame-files", OnFailure::Restart, move |stop| {
+            let frames = frames.clone();
+            async move {
+                stop.cancelled().await;
+                if !frames.flush_files(FLUSH_FILES_LIMIT).await {
+                    tracing::warn!(
+                        limit_seconds = FLUSH_FILES_LIMIT.as_secs(),
+                        "Some frame files were not written before stopping; those partitions will be read from the database after a restart"
+                    );
+                }
+                Ok(())
+            }
+        });
     }
 
     /// Requests on the bus and queue notifications from SQL both wake the build loops;
@@ -213,6 +229,7 @@ impl Workers {
     /// alive meanwhile.
     async fn build(&self, claim: Claim, shutdown: &CancellationToken) {
         let started = Instant::now();
+        let _building = self.frames.building();
         let core = self.cache.core();
         // `find_any`: candidates (`name@candidate`) build through the same queue.
         let meta = match self.cache.catalog().find_any(&claim.analysis).await {
@@ -333,41 +350,46 @@ impl Workers {
                 Loaded::Waiting { missing } => return Ok(Outcome::Waiting(missing)),
                 Loaded::UpstreamFailed(error) => return Err(Error::Invalid(error)),
             };
-        core.store
-            .log
-            .append(vec![NewEvent::new(
-                format!("worker:{}", claim.owner),
-                EventBody::AnalysisStarted {
-                    analysis: claim.analysis.clone(),
-                    version: meta.version,
-                    partition: claim.partition,
-                    build: claim.build,
-                    worker: claim.owner.clone(),
-                },
-            )])
-            .await?;
-        let output = match &meta.sql {
-            // SQL from an admin runs in a child process with a memory budget.
-            Some(sql) => sandbox::run(sql, &sql::tables(meta), inputs, self.settings.build_memory_mb)
-                .await
-                .map_err(|failure| match failure {
-                    sandbox::Failure::Analysis(e) => Error::Invalid(format!("the analysis failed: {e}")),
-                    sandbox::Failure::Memory { limit_mb } => Error::Invalid(format!(
-                        "the build needed more than the memory limit of {limit_mb} MB (SCHOLIA_BUILD_MEMORY_MB) and was stopped"
-                    )),
-                    sandbox::Failure::Sandbox(e) => Error::internal("running a SQL analysis", e),
-                })?,
-            None => {
-                let span = tracing::Span::current();
-                tokio::task::spawn_blocking(move || {
-                    let _entered = span.enter();
-                    analysis.compute(inputs)
-                })
-                .await
-                .map_err(|e| Error::Invalid(format!("the analysis panicked: {e}")))?
-                .map_err(|e| Error::Invalid(format!("the analysis failed: {e}")))?
+        // `analysis.started` is logged while the analysis runs: the append is a round trip
+        // under the log lock, and the build need not wait for it. Both end before the
+        // commit, which logs `analysis.completed` after it.
+        let logged = core.store.log.append(vec![NewEvent::new(
+            format!("worker:{}", claim.owner),
+            EventBody::AnalysisStarted {
+                analysis: claim.analysis.clone(),
+                version: meta.version,
+                partition: claim.partition,
+                build: claim.build,
+                worker: claim.owner.clone(),
+            },
+        )]);
+        let computed = async {
+            match &meta.sql {
+                // SQL from an admin runs in a child process with a memory budget.
+                Some(sql) => sandbox::run(sql, &sql::tables(meta), inputs, self.settings.build_memory_mb)
+                    .await
+                    .map_err(|failure| match failure {
+                        sandbox::Failure::Analysis(e) => Error::Invalid(format!("the analysis failed: {e}")),
+                        sandbox::Failure::Memory { limit_mb } => Error::Invalid(format!(
+                            "the build needed more than the memory limit of {limit_mb} MB (SCHOLIA_BUILD_MEMORY_MB) and was stopped"
+                        )),
+                        sandbox::Failure::Sandbox(e) => Error::internal("running a SQL analysis", e),
+                    }),
+                None => {
+                    let span = tracing::Span::current();
+                    tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        analysis.compute(inputs)
+                    })
+                    .await
+                    .map_err(|e| Error::Invalid(format!("the analysis panicked: {e}")))?
+                    .map_err(|e| Error::Invalid(format!("the analysis failed: {e}")))
+                }
             }
         };
+        let (logged, computed) = tokio::join!(logged, computed);
+        logged?;
+        let output = computed?;
         let (columns, rows) = tokio::task::spawn_blocking(move || rows::frame_to_rows(&output))
             .await
             .map_err(|e| Error::internal("reading an annotation", e))?
@@ -427,6 +449,9 @@ fn upstream_span(
         .partition_of(claim.partition.end() - chrono::Duration::microseconds(1));
     Some((first.to_string(), last.next().to_string()))
 }
+
+/// How long a stopping worker waits for its frame files (within the process' drain limit).
+const FLUSH_FILES_LIMIT: Duration = Duration::from_secs(8);
 
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
