@@ -3,13 +3,14 @@
 //!
 //! One file per span, in a folder named by the database's installation id (so a file is
 //! never read against another database): a header line of JSON (the span, the kind's
-//! schema and the summary the frame was built at), then the frame as an Arrow IPC file.
-//! A file is only ever used after its summary has been compared with the span's summary
-//! in the database, exactly like a frame kept in memory: equal means the same records, a
+//! schema and the summary the frame was built at), then the frame as an Arrow IPC file,
+//! but for its `kind` column (the header's kind in every row, put back on reading). A
+//! file is only ever used after its summary has been compared with the span's summary in
+//! the database, exactly like a frame kept in memory: equal means the same records, a
 //! lower one means the frame is extended with what arrived since. Writes go to a temporary
 //! name and are renamed into place, so a reader sees a whole file or none; a file that
-//! does not read back is deleted. The folder is held under a size bound by deleting the
-//! least recently used files.
+//! does not read back (one of an earlier format too) is deleted. The folder is held under
+//! a size bound by deleting the least recently used files.
 
 use std::collections::HashMap;
 use std::fs;
@@ -27,8 +28,12 @@ use scholia_events::store::Summary;
 
 use crate::frame::PartitionInput;
 
-const FORMAT: u32 = 1;
+/// 2: without the `kind` column (every row holds the header's kind).
+const FORMAT: u32 = 2;
 const SUFFIX: &str = ".frame";
+/// Where `kind` stands among a frame's columns (`ENVELOPE_COLUMNS`; the round trip is
+/// tested below).
+const KIND_COLUMN: usize = 2;
 
 #[derive(Serialize, Deserialize, PartialEq)]
 struct Header {
@@ -232,7 +237,9 @@ fn write_file(path: &Path, header: &Header, frame: &DataFrame) -> std::io::Resul
     let mut out = std::io::BufWriter::new(fs::File::create(path)?);
     serde_json::to_writer(&mut out, header)?;
     out.write_all(b"\n")?;
-    let mut frame = frame.clone();
+    // Every row's `kind` is the header's: the file leaves the column out (a sixth of a
+    // day's file, and of the reading back), and a read puts it back.
+    let mut frame = frame.drop("kind").map_err(std::io::Error::other)?;
     IpcWriter::new(&mut out)
         .finish(&mut frame)
         .map_err(std::io::Error::other)?;
@@ -253,14 +260,24 @@ fn read_file(
     reader.read_until(b'\n', &mut line)?;
     let header: Header = serde_json::from_slice(&line)?;
     if header.format != FORMAT || header.kind != kind || header.from != from || header.to != to {
-        return Err(std::io::Error::other("its header names another span"));
+        return Err(std::io::Error::other(
+            "its header names another format or span",
+        ));
     }
     // Sized once: a body grown as it is read is copied and its pages zeroed again at
     // every doubling, tens of megabytes for a day.
     let mut body = Vec::with_capacity(length.saturating_sub(line.len()));
     reader.read_to_end(&mut body)?;
-    let frame = IpcReader::new(Cursor::new(body))
+    let mut frame = IpcReader::new(Cursor::new(body))
         .finish()
+        .map_err(std::io::Error::other)?;
+    let kind_column = Column::new_scalar(
+        "kind".into(),
+        Scalar::new(DataType::String, AnyValue::StringOwned(kind.into())),
+        frame.height(),
+    );
+    frame
+        .insert_column(KIND_COLUMN, kind_column)
         .map_err(std::io::Error::other)?;
     if frame.height() as i64 != header.rows {
         return Err(std::io::Error::other(
