@@ -605,18 +605,13 @@ mod tests {
 #[cfg(test)]
 mod writer_tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
-    /// Asks `writer` for one write (which counts itself) each call.
+    /// Asks `writer` for one write each call (`pending` says whether it ran).
     fn counting(writer: &Writer) -> impl Fn() + use<> {
         let writer = writer.clone();
-        let counter = Arc::new(AtomicUsize::new(0));
         move || {
             writer.expect();
-            let counter = counter.clone();
-            writer.submit(move || {
-                counter.fetch_add(1, Ordering::SeqCst);
-            });
+            writer.submit(|| {});
         }
     }
 
