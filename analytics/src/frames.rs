@@ -17,9 +17,8 @@
 //! what it lacks, and a batch is wholly in an extension or wholly out of it.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use moka::future::Cache;
@@ -32,6 +31,8 @@ use scholia_events::store::Records;
 
 use crate::frame::{self, ENVELOPE_COLUMNS, FrameBuilder, PartitionInput};
 use crate::frame_files::FrameFiles;
+pub use crate::frame_writer::Building;
+use crate::frame_writer::Writer;
 use crate::{Result, frame_error};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,167 +84,15 @@ const WRITE_BEHIND: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct FrameCache {
     frames: Cache<Key, Arc<Entry>>,
-    files: Option<(Arc<FrameFiles>, Writer)>,
+    files: Option<(Arc<FrameFiles>, Writer<Key, Entry>)>,
     /// Spans whose write to disk is waiting out `WRITE_BEHIND`.
     writes_due: Arc<Mutex<HashSet<Key>>>,
 }
 
-/// Writes frame files one at a time, on a thread of its own at the lowest CPU priority
-/// (nice 19), and only once the worker's builds have paused for `QUIET` (or a write has
-/// waited `MAX_DEFER`). A write encodes and copies tens of megabytes, and the kernel then
-/// writes them back: run beside builds (a rewind right after a first build, the next late
-/// record's build) it took their cores, and the thirty of a month's first build held both
-/// cores for seconds. The files are for the next process; they can wait for a pause.
-/// `flush` writes what is asked for at once and waits for it, so that a process stopping
-/// gracefully leaves its files for the next one. A queued write holds its frame until it
-/// is written, even if memory lets it go meanwhile (at most `MAX_DEFER`).
-#[derive(Clone)]
-struct Writer {
-    jobs: mpsc::Sender<Job>,
-    /// Writes asked for and not done: waiting out a delay, queued, or running.
-    pending: Arc<(Mutex<usize>, Condvar)>,
-    gate: Arc<Gate>,
-}
-
-struct Job {
-    asked: Instant,
-    write: Box<dyn FnOnce() + Send>,
-}
-
-/// How long builds must have paused before a frame file is written.
-const QUIET: Duration = Duration::from_secs(1);
-/// The longest a write waits for a pause.
-const MAX_DEFER: Duration = Duration::from_secs(60);
-
-/// What the writer waits for: builds running, when the last one ended, and whether the
-/// process is stopping.
-struct Gate {
-    builds: AtomicUsize,
-    last_ended: Mutex<Instant>,
-    flushing: AtomicBool,
-}
-
-impl Gate {
-    fn open_for(&self, job: &Job) -> bool {
-        self.flushing.load(Ordering::Acquire)
-            || job.asked.elapsed() >= MAX_DEFER
-            || (self.builds.load(Ordering::Acquire) == 0
-                && self.last_ended.lock().expect("gate lock").elapsed() >= QUIET)
-    }
-}
-
-/// A build under way, for the frame writer to wait out; dropping it ends it.
-pub struct Building(Option<Arc<Gate>>);
-
-impl Drop for Building {
-    fn drop(&mut self) {
-        if let Some(gate) = &self.0 {
-            *gate.last_ended.lock().expect("gate lock") = Instant::now();
-            gate.builds.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl Writer {
-    fn start() -> Writer {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let pending = Arc::new((Mutex::new(0), Condvar::new()));
-        let gate = Arc::new(Gate {
-            builds: AtomicUsize::new(0),
-            last_ended: Mutex::new(Instant::now()),
-            flushing: AtomicBool::new(false),
-        });
-        let waiting = gate.clone();
-        std::thread::Builder::new()
-            .name("frame-writer".into())
-            .spawn(move || {
-                lower_priority();
-                for job in queue {
-                    while !waiting.open_for(&job) {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    (job.write)();
-                }
-            })
-            .expect("starting the frame writer thread");
-        Writer {
-            jobs,
-            pending,
-            gate,
-        }
-    }
-
-    /// One more write is due (it will `submit` or `skip`).
-    fn expect(&self) {
-        *self.pending.0.lock().expect("pending lock") += 1;
-    }
-
-    fn submit(&self, write: impl FnOnce() + Send + 'static) {
-        let pending = self.pending.clone();
-        let job = Job {
-            asked: Instant::now(),
-            write: Box::new(move || {
-                write();
-                done(&pending);
-            }),
-        };
-        if self.jobs.send(job).is_err() {
-            done(&self.pending);
-        }
-    }
-
-    fn skip(&self) {
-        done(&self.pending);
-    }
-
-    /// Write what is asked for without waiting for a pause, and wait until every write
-    /// asked for so far is done, or `limit` passed. Whether all were.
-    fn flush(&self, limit: Duration) -> bool {
-        self.gate.flushing.store(true, Ordering::Release);
-        let deadline = Instant::now() + limit;
-        let (count, changed) = &*self.pending;
-        let mut count = count.lock().expect("pending lock");
-        while *count > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            count = changed.wait_timeout(count, left).expect("pending lock").0;
-        }
-        true
-    }
-}
-
-fn done(pending: &(Mutex<usize>, Condvar)) {
-    let mut count = pending.0.lock().expect("pending lock");
-    *count = count.saturating_sub(1);
-    pending.1.notify_all();
-}
-
-/// The calling thread at nice 19, through `renice` on the thread's own id (on Linux the
-/// nice value is a thread's own, so the rest of the process keeps its priority). Best
-/// effort: without `renice`, or where it is refused, writes run at the normal priority.
-fn lower_priority() {
-    let lowered = std::fs::read_link("/proc/thread-self")
-        .ok()
-        .and_then(|link| Some(link.file_name()?.to_string_lossy().into_owned()))
-        .and_then(|tid| {
-            std::process::Command::new("renice")
-                .args(["-n", "19", "-p", &tid])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .ok()
-        })
-        .is_some_and(|status| status.success());
-    if !lowered {
-        tracing::debug!("Frame files are written at the normal priority (renice failed)");
-    }
-}
-
 impl FrameCache {
     /// A cache holding at most about `max_bytes` of frames in memory (0 turns it off), and
-    /// those of `files` on disk.
+    /// those of `files` on disk. Frames waiting to be written to disk that memory has let
+    /// go are held up to a quarter of `max_bytes` more (`frame_writer`).
     pub fn new(max_bytes: u64, files: Option<FrameFiles>) -> FrameCache {
         let frames = Cache::builder()
             .max_capacity(max_bytes)
@@ -253,7 +102,14 @@ impl FrameCache {
             .build();
         FrameCache {
             frames,
-            files: files.map(|files| (Arc::new(files), Writer::start())),
+            files: files.map(|files| {
+                let files = Arc::new(files);
+                let writing = files.clone();
+                let writer = Writer::start(max_bytes / 4, move |key: &Key, entry: &Entry| {
+                    writing.write(&key.kind, key.from, key.to, &entry.schema, &entry.input)
+                });
+                (files, writer)
+            }),
             writes_due: Arc::default(),
         }
     }
@@ -261,10 +117,10 @@ impl FrameCache {
     /// Mark a build under way until the value is dropped: frame files are written in the
     /// pauses between builds.
     pub fn building(&self) -> Building {
-        Building(self.files.as_ref().map(|(_, writer)| {
-            writer.gate.builds.fetch_add(1, Ordering::AcqRel);
-            writer.gate.clone()
-        }))
+        match &self.files {
+            Some((_, writer)) => writer.building(),
+            None => Building::none(),
+        }
     }
 
     /// Wait (on a blocking thread) until the frame files asked for so far are written, or
@@ -345,7 +201,7 @@ impl FrameCache {
             input: input.clone(),
         });
         self.frames.insert(key.clone(), entry.clone()).await;
-        let Some((files, writer)) = self.files.clone() else {
+        let Some((_, writer)) = self.files.clone() else {
             return;
         };
         if !self
@@ -363,7 +219,7 @@ impl FrameCache {
         // and none if memory let it go meanwhile (the file, older, is still exact): a
         // write waiting out its delay holds no frame of its own.
         let now = delay.is_zero().then_some(entry);
-        // Short-lived: it ends with its write.
+        // Short-lived: it ends once it has handed the write to the writer.
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             writes_due.lock().expect("writes lock").remove(&key);
@@ -374,9 +230,8 @@ impl FrameCache {
                     None => return writer.skip(),
                 },
             };
-            writer.submit(move || {
-                files.write(&key.kind, key.from, key.to, &newest.schema, &newest.input)
-            });
+            let bytes = newest.input.frame.estimated_size() as u64;
+            writer.submit(key, newest, bytes);
         });
     }
 }
@@ -599,74 +454,5 @@ mod tests {
                 "case {case}: {held_rows} held, {new_rows} new\n{merged}\n{expected}"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod writer_tests {
-    use super::*;
-
-    /// Asks `writer` for one write each call (`pending` says whether it ran).
-    fn counting(writer: &Writer) -> impl Fn() + use<> {
-        let writer = writer.clone();
-        move || {
-            writer.expect();
-            writer.submit(|| {});
-        }
-    }
-
-    fn gate(writer: &Writer) -> Building {
-        writer.gate.builds.fetch_add(1, Ordering::AcqRel);
-        Building(Some(writer.gate.clone()))
-    }
-
-    fn pending(writer: &Writer) -> usize {
-        *writer.pending.0.lock().unwrap()
-    }
-
-    #[test]
-    fn a_file_is_written_only_once_builds_have_paused() {
-        let writer = Writer::start();
-        let building = gate(&writer);
-        let write = counting(&writer);
-        write();
-        std::thread::sleep(QUIET + Duration::from_millis(300));
-        assert_eq!(pending(&writer), 1, "written while a build ran");
-        drop(building);
-        std::thread::sleep(QUIET / 2);
-        assert_eq!(
-            pending(&writer),
-            1,
-            "written before builds paused for QUIET"
-        );
-        assert!(
-            writer.flush(QUIET * 3),
-            "the write never ran once builds paused"
-        );
-        assert_eq!(pending(&writer), 0);
-    }
-
-    #[test]
-    fn a_flush_writes_at_once_though_builds_run() {
-        let writer = Writer::start();
-        let _building = gate(&writer);
-        let write = counting(&writer);
-        for _ in 0..3 {
-            write();
-        }
-        let started = Instant::now();
-        assert!(writer.flush(Duration::from_secs(5)));
-        assert!(started.elapsed() < QUIET, "the flush waited for a pause");
-        assert_eq!(pending(&writer), 0);
-    }
-
-    #[test]
-    fn a_flush_gives_up_at_its_limit_on_a_write_still_due() {
-        let writer = Writer::start();
-        // Asked for (waiting out a delay) but never submitted.
-        writer.expect();
-        assert!(!writer.flush(Duration::from_millis(100)));
-        writer.skip();
-        assert!(writer.flush(Duration::from_millis(100)));
     }
 }

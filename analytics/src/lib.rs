@@ -22,6 +22,7 @@ pub mod candidate;
 pub mod dry_run;
 pub mod frame;
 pub mod frame_files;
+mod frame_writer;
 pub mod frames;
 mod inputs;
 pub mod invalidation;
