@@ -88,15 +88,27 @@ struct Field {
     declared: Option<FieldType>,
     /// Rows seen before this field first appeared, and since then through `len`.
     len: usize,
+    /// The rows the load expects: a typed column is made this large at once, not grown
+    /// by doubling (each doubling of a large column is fresh pages for the kernel to zero,
+    /// and a copy).
+    capacity: usize,
+}
+
+/// `n` nulls, with room for `capacity` values.
+fn nulls<T: Clone>(n: usize, capacity: usize) -> Vec<Option<T>> {
+    let mut v = Vec::with_capacity(capacity.max(n));
+    v.resize(n, None);
+    v
 }
 
 impl Field {
-    fn new(name: &str, declared: Option<FieldType>) -> Field {
+    fn new(name: &str, declared: Option<FieldType>, capacity: usize) -> Field {
         Field {
             column: column_name(name),
             col: Col::Null,
             declared,
             len: 0,
+            capacity,
         }
     }
 
@@ -154,7 +166,7 @@ impl Field {
 
     fn as_bool(&mut self, n: usize) -> &mut Vec<Option<bool>> {
         if let Col::Null = self.col {
-            self.col = Col::Bool(vec![None; n]);
+            self.col = Col::Bool(nulls(n, self.capacity));
         }
         match &mut self.col {
             Col::Bool(v) => v,
@@ -164,7 +176,7 @@ impl Field {
 
     fn as_int(&mut self, n: usize) -> &mut Vec<Option<i64>> {
         if let Col::Null = self.col {
-            self.col = Col::Int(vec![None; n]);
+            self.col = Col::Int(nulls(n, self.capacity));
         }
         match &mut self.col {
             Col::Int(v) => v,
@@ -174,7 +186,7 @@ impl Field {
 
     fn as_float(&mut self, n: usize) -> &mut Vec<Option<f64>> {
         self.col = match std::mem::replace(&mut self.col, Col::Null) {
-            Col::Null => Col::Float(vec![None; n]),
+            Col::Null => Col::Float(nulls(n, self.capacity)),
             Col::Int(v) => Col::Float(v.into_iter().map(|x| x.map(|i| i as f64)).collect()),
             Col::Float(v) => Col::Float(v),
             other => other,
@@ -187,7 +199,7 @@ impl Field {
 
     fn as_time(&mut self, n: usize) -> &mut Vec<Option<i64>> {
         if let Col::Null = self.col {
-            self.col = Col::Time(vec![None; n]);
+            self.col = Col::Time(nulls(n, self.capacity));
         }
         match &mut self.col {
             Col::Time(v) => v,
@@ -197,7 +209,7 @@ impl Field {
 
     fn as_str(&mut self, n: usize) -> &mut Vec<Option<String>> {
         self.col = match std::mem::replace(&mut self.col, Col::Null) {
-            Col::Null => Col::Str(vec![None; n]),
+            Col::Null => Col::Str(nulls(n, self.capacity)),
             Col::Bool(v) => Col::Str(v.into_iter().map(|x| x.map(|b| b.to_string())).collect()),
             Col::Int(v) => Col::Str(v.into_iter().map(|x| x.map(|i| i.to_string())).collect()),
             Col::Float(v) => Col::Str(v.into_iter().map(|x| x.map(|f| f.to_string())).collect()),
@@ -249,7 +261,7 @@ impl FrameBuilder {
         let fields = schema
             .fields
             .iter()
-            .map(|(name, spec)| (name.clone(), Field::new(name, Some(spec.ty))))
+            .map(|(name, spec)| (name.clone(), Field::new(name, Some(spec.ty), 0)))
             .collect();
         FrameBuilder {
             kind: kind.to_string(),
@@ -322,6 +334,10 @@ impl RecordSink for FrameBuilder {
         if rows > 0 && self.created.is_empty() {
             self.sources = StringChunkedBuilder::new("source".into(), rows);
         }
+        let total = self.ids.len() + rows;
+        for field in self.fields.values_mut() {
+            field.capacity = total;
+        }
     }
 
     fn push(&mut self, row: RecordRow<'_>) {
@@ -336,6 +352,7 @@ impl RecordSink for FrameBuilder {
         let _ = parser.deserialize_map(RowVisitor {
             fields: &mut self.fields,
             index,
+            capacity: self.created.capacity(),
         });
     }
 }
@@ -344,6 +361,8 @@ impl RecordSink for FrameBuilder {
 struct RowVisitor<'b> {
     fields: &'b mut HashMap<String, Field>,
     index: usize,
+    /// What a field first seen now makes room for.
+    capacity: usize,
 }
 
 impl<'de> Visitor<'de> for RowVisitor<'_> {
@@ -356,7 +375,8 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key_seed(KeySeed)? {
             if !self.fields.contains_key(key.as_ref()) {
-                self.fields.insert(key.to_string(), Field::new(&key, None));
+                self.fields
+                    .insert(key.to_string(), Field::new(&key, None, self.capacity));
             }
             let field = self
                 .fields
