@@ -9,9 +9,12 @@
 //! for a pause. `flush` writes what is asked for at once and waits for it, so that a
 //! process stopping gracefully leaves its files for the next one.
 //!
+//! A write may also be asked not to start before a delay (a frame extended with late
+//! records waits 2 s, so that a run of them costs one write).
+//!
 //! What a waiting write holds is bounded. A span has at most one write waiting: a newer
 //! one takes its place (and its frame, so the older frame is let go at once) and keeps
-//! its place in line. And the frames that only waiting writes still hold (the frame
+//! its place in line and its delay. And the frames that only waiting writes still hold (the frame
 //! cache let them go) are held up to `held_bytes`: past it, the writer writes without
 //! waiting for a pause. Under steady load builds never pause, and every late record's
 //! extension of a day asked for a write: queued one after another, each holding its own
@@ -51,17 +54,16 @@ struct Shared<K, V> {
     held_bytes: u64,
 }
 
-/// A write waiting: the value, its size, and when the span's first waiting write was
-/// asked.
+/// A write waiting: the value, its size, when the span's first waiting write was asked,
+/// and before when it is not to start (unless the process is stopping).
 struct Waiting<V> {
     asked: Instant,
+    not_before: Instant,
     value: Arc<V>,
     bytes: u64,
 }
 
 struct State<K, V> {
-    /// Writes announced by `expect` and not yet submitted or skipped.
-    expected: usize,
     waiting: HashMap<K, Waiting<V>>,
     running: bool,
     builds: usize,
@@ -71,9 +73,9 @@ struct State<K, V> {
 }
 
 impl<K, V> State<K, V> {
-    /// Writes asked for and not done: announced, waiting, or running.
+    /// Writes asked for and not done: waiting or running.
     fn pending(&self) -> usize {
-        self.expected + self.waiting.len() + usize::from(self.running)
+        self.waiting.len() + usize::from(self.running)
     }
 
     /// The bytes of the waiting writes' values that nothing else holds any more.
@@ -128,7 +130,6 @@ where
     pub(crate) fn start(held_bytes: u64, write: impl Fn(&K, &V) + Send + 'static) -> Writer<K, V> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                expected: 0,
                 waiting: HashMap::new(),
                 running: false,
                 builds: 0,
@@ -166,24 +167,20 @@ where
         })))
     }
 
-    /// One more write is due (it will `submit` or `skip`).
-    pub(crate) fn expect(&self) {
-        self.shared.lock().expected += 1;
-    }
-
-    /// The write of `value` (of about `bytes`) for `key`'s span, in place of one still
-    /// waiting for it.
-    pub(crate) fn submit(&self, key: K, value: Arc<V>, bytes: u64) {
+    /// The write of `value` (of about `bytes`) for `key`'s span, not to start before
+    /// `delay`, in place of one still waiting for it (whose place and delay it keeps).
+    pub(crate) fn submit(&self, key: K, value: Arc<V>, bytes: u64, delay: Duration) {
         let mut state = self.shared.lock();
-        state.expected = state.expected.saturating_sub(1);
-        let asked = match state.waiting.get(&key) {
-            Some(waiting) => waiting.asked,
-            None => Instant::now(),
+        let now = Instant::now();
+        let (asked, not_before) = match state.waiting.get(&key) {
+            Some(waiting) => (waiting.asked, waiting.not_before),
+            None => (now, now + delay),
         };
         let replaced = state.waiting.insert(
             key,
             Waiting {
                 asked,
+                not_before,
                 value,
                 bytes,
             },
@@ -192,14 +189,6 @@ where
         self.shared.changed.notify_all();
         // The superseded write's frame is let go here, outside the lock.
         drop(replaced);
-    }
-
-    /// A write announced by `expect` is not needed after all.
-    pub(crate) fn skip(&self) {
-        let mut state = self.shared.lock();
-        state.expected = state.expected.saturating_sub(1);
-        drop(state);
-        self.shared.changed.notify_all();
     }
 
     /// Write what is asked for without waiting for a pause, and wait until every write
@@ -237,13 +226,30 @@ fn run<K: Eq + std::hash::Hash + Clone, V>(shared: &Shared<K, V>, write: impl Fn
         if state.closed {
             return;
         }
-        let Some((key, asked)) = state
+        if state.waiting.is_empty() {
+            state = shared.changed.wait(state).expect("frame writer lock");
+            continue;
+        }
+        // The longest-waiting write past its delay (every one, when stopping).
+        let now = Instant::now();
+        let due = state
             .waiting
             .iter()
+            .filter(|(_, waiting)| state.flushing || waiting.not_before <= now)
             .min_by_key(|(_, waiting)| waiting.asked)
-            .map(|(key, waiting)| (key.clone(), waiting.asked))
-        else {
-            state = shared.changed.wait(state).expect("frame writer lock");
+            .map(|(key, waiting)| (key.clone(), waiting.asked));
+        let Some((key, asked)) = due else {
+            let next = state
+                .waiting
+                .values()
+                .map(|waiting| waiting.not_before)
+                .min();
+            let wait = next.map_or(LOOK_AGAIN, |next| next.saturating_duration_since(now));
+            state = shared
+                .changed
+                .wait_timeout(state, wait)
+                .expect("frame writer lock")
+                .0;
             continue;
         };
         // How long until the gate opens for it (zero: now). Builds ending and writes
@@ -308,19 +314,22 @@ mod tests {
 
     type Test = Writer<u32, usize>;
 
-    /// A writer whose writes add their value to `written`.
+    /// A writer whose writes add their value to `written` (and take as many
+    /// milliseconds, past 100).
     fn writer(held_bytes: u64) -> (Test, Arc<AtomicUsize>) {
         let written = Arc::new(AtomicUsize::new(0));
         let adding = written.clone();
         let writer = Writer::start(held_bytes, move |_key: &u32, value: &usize| {
+            if *value > 100 {
+                std::thread::sleep(Duration::from_millis(*value as u64));
+            }
             adding.fetch_add(*value, Ordering::SeqCst);
         });
         (writer, written)
     }
 
     fn ask(writer: &Test, key: u32, value: &Arc<usize>) {
-        writer.expect();
-        writer.submit(key, value.clone(), 1 << 20);
+        writer.submit(key, value.clone(), 1 << 20, Duration::ZERO);
     }
 
     #[test]
@@ -342,27 +351,49 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_writes_at_once_though_builds_run() {
+    fn a_write_waits_out_its_delay_and_a_newer_one_keeps_it() {
+        let (writer, written) = writer(u64::MAX);
+        // Builds paused long ago: only the delay holds the write back.
+        std::thread::sleep(QUIET);
+        writer.submit(1, Arc::new(1), 1, Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(300));
+        writer.submit(1, Arc::new(10), 1, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(writer.pending(), 1, "written before its delay");
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            writer.pending(),
+            0,
+            "the newer write did not keep the first delay"
+        );
+        assert_eq!(
+            written.load(Ordering::SeqCst),
+            10,
+            "not the newest write ran"
+        );
+    }
+
+    #[test]
+    fn a_flush_writes_at_once_though_builds_run_and_delays_wait() {
         let (writer, written) = writer(u64::MAX);
         let _building = writer.building();
         for key in 0..3 {
             ask(&writer, key, &Arc::new(1));
         }
+        writer.submit(3, Arc::new(1), 1, Duration::from_secs(60));
         let started = Instant::now();
         assert!(writer.flush(Duration::from_secs(5)));
         assert!(started.elapsed() < QUIET, "the flush waited for a pause");
         assert_eq!(writer.pending(), 0);
-        assert_eq!(written.load(Ordering::SeqCst), 3);
+        assert_eq!(written.load(Ordering::SeqCst), 4);
     }
 
     #[test]
-    fn a_flush_gives_up_at_its_limit_on_a_write_still_due() {
+    fn a_flush_gives_up_at_its_limit_on_a_write_still_running() {
         let (writer, _) = writer(u64::MAX);
-        // Asked for (waiting out a delay) but never submitted.
-        writer.expect();
+        ask(&writer, 1, &Arc::new(400));
         assert!(!writer.flush(Duration::from_millis(100)));
-        writer.skip();
-        assert!(writer.flush(Duration::from_millis(100)));
+        assert!(writer.flush(Duration::from_secs(5)));
     }
 
     #[test]

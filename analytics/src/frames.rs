@@ -16,8 +16,7 @@
 //! to its highest `seq` and none above it, so "above the frame's highest `seq`" is exactly
 //! what it lacks, and a batch is wholly in an extension or wholly out of it.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -85,8 +84,6 @@ const WRITE_BEHIND: Duration = Duration::from_secs(2);
 pub struct FrameCache {
     frames: Cache<Key, Arc<Entry>>,
     files: Option<(Arc<FrameFiles>, Writer<Key, Entry>)>,
-    /// Spans whose write to disk is waiting out `WRITE_BEHIND`.
-    writes_due: Arc<Mutex<HashSet<Key>>>,
 }
 
 impl FrameCache {
@@ -110,7 +107,6 @@ impl FrameCache {
                 });
                 (files, writer)
             }),
-            writes_due: Arc::default(),
         }
     }
 
@@ -190,8 +186,8 @@ impl FrameCache {
         }))
     }
 
-    /// Keep a freshly read frame in memory, and hand it to the writer after `delay`: the
-    /// span's newest frame then, so that writes asked for meanwhile are one.
+    /// Keep a freshly read frame in memory, and hand it to the writer, to be written no
+    /// sooner than `delay` (a newer frame of the span asked for meanwhile takes its place).
     async fn keep(&self, key: Key, schema: &KindSchema, input: &PartitionInput, delay: Duration) {
         if input.summary.rows == 0 {
             return;
@@ -201,38 +197,10 @@ impl FrameCache {
             input: input.clone(),
         });
         self.frames.insert(key.clone(), entry.clone()).await;
-        let Some((_, writer)) = self.files.clone() else {
-            return;
-        };
-        if !self
-            .writes_due
-            .lock()
-            .expect("writes lock")
-            .insert(key.clone())
-        {
-            return;
+        if let Some((_, writer)) = &self.files {
+            let bytes = entry.input.frame.estimated_size() as u64;
+            writer.submit(key, entry, bytes, delay);
         }
-        writer.expect();
-        let frames = self.frames.clone();
-        let writes_due = self.writes_due.clone();
-        // A write now takes this frame; a later one takes the span's newest frame then,
-        // and none if memory let it go meanwhile (the file, older, is still exact): a
-        // write waiting out its delay holds no frame of its own.
-        let now = delay.is_zero().then_some(entry);
-        // Short-lived: it ends once it has handed the write to the writer.
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            writes_due.lock().expect("writes lock").remove(&key);
-            let newest = match frames.get(&key).await {
-                Some(newest) => newest,
-                None => match now {
-                    Some(entry) => entry,
-                    None => return writer.skip(),
-                },
-            };
-            let bytes = newest.input.frame.estimated_size() as u64;
-            writer.submit(key, newest, bytes);
-        });
     }
 }
 
