@@ -16,9 +16,16 @@
 //! one takes its place (and its frame, so the older frame is let go at once) and keeps
 //! its place in line and its delay. And the frames that only waiting writes still hold (the frame
 //! cache let them go) are held up to `held_bytes`: past it, the writer writes without
-//! waiting for a pause. Under steady load builds never pause, and every late record's
-//! extension of a day asked for a write: queued one after another, each holding its own
-//! version of the day for up to `MAX_DEFER`, they grew a worker by hundreds of megabytes.
+//! waiting for a pause, and a write asked for past it lets go of the newest waiting
+//! writes that only it holds (all but the longest-waiting one) until the rest fit. Under
+//! steady load builds never pause, and every late record's extension of a day asked for a
+//! write: queued one after another, each holding its own version of the day for up to
+//! `MAX_DEFER`, they grew a worker by hundreds of megabytes; with one write a span, a
+//! writer at nice 19 that the builds leave no CPU still held the newest frame of every
+//! span the cache had let go, and that grew with the spans' records. A write let go
+//! leaves its span's file as it was (or absent): still exact, since a file is checked
+//! against its span's summary and extended when it is read, so it costs only the
+//! catching up after a restart. The next build of the span asks for its write again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -85,6 +92,36 @@ impl<K, V> State<K, V> {
             .filter(|waiting| Arc::strong_count(&waiting.value) == 1)
             .map(|waiting| waiting.bytes)
             .sum()
+    }
+
+    /// Take out the newest waiting writes whose values nothing else holds, all but the
+    /// longest-waiting write, until what is held alone is within `held_bytes`; they are
+    /// returned, to be dropped outside the lock.
+    fn trim(&mut self, held_bytes: u64) -> Vec<Waiting<V>>
+    where
+        K: Eq + std::hash::Hash + Clone,
+    {
+        let mut held = self.held_alone();
+        if held <= held_bytes {
+            return Vec::new();
+        }
+        let mut alone: Vec<(Instant, K, u64)> = self
+            .waiting
+            .iter()
+            .filter(|(_, waiting)| Arc::strong_count(&waiting.value) == 1)
+            .map(|(key, waiting)| (waiting.asked, key.clone(), waiting.bytes))
+            .collect();
+        let oldest = self.waiting.values().map(|waiting| waiting.asked).min();
+        alone.sort_by_key(|(asked, _, _)| std::cmp::Reverse(*asked));
+        let mut dropped = Vec::new();
+        for (asked, key, bytes) in alone {
+            if held <= held_bytes || Some(asked) == oldest {
+                break;
+            }
+            dropped.extend(self.waiting.remove(&key));
+            held -= bytes;
+        }
+        dropped
     }
 }
 
@@ -185,10 +222,18 @@ where
                 bytes,
             },
         );
+        let let_go = state.trim(self.shared.held_bytes);
         drop(state);
         self.shared.changed.notify_all();
-        // The superseded write's frame is let go here, outside the lock.
+        // The superseded write's frame, and those let go, are dropped here, outside the lock.
         drop(replaced);
+        if !let_go.is_empty() {
+            tracing::debug!(
+                writes = let_go.len(),
+                "frame files left as they were: the frames waiting to be written were past their bound"
+            );
+        }
+        drop(let_go);
     }
 
     /// Write what is asked for without waiting for a pause, and wait until every write
@@ -437,5 +482,33 @@ mod tests {
         std::thread::sleep(LOOK_AGAIN * 5);
         assert_eq!(writer.pending(), 2, "not written down to the bound");
         assert_eq!(written.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn past_the_bound_the_newest_writes_held_alone_are_let_go() {
+        // Each value is 1 MB; up to 2 MB may be held by the writer alone, and a build runs
+        // throughout, as under steady load.
+        let (writer, written) = writer(2 << 20);
+        let _building = writer.building();
+        // The writer is busy with a slow write of a value something else still holds.
+        let busy = Arc::new(500);
+        ask(&writer, 0, &busy);
+        std::thread::sleep(LOOK_AGAIN * 2);
+        assert_eq!(writer.pending(), 1);
+        // Six spans' values that only the writer holds: the oldest one and the two of
+        // the bound wait, the rest are let go as they come.
+        let values: Vec<Arc<usize>> = (1..=6).map(|_| Arc::new(1)).collect();
+        let weak: Vec<_> = values.iter().map(Arc::downgrade).collect();
+        for (key, value) in values.into_iter().enumerate() {
+            writer.submit(key as u32 + 1, value, 1 << 20, Duration::ZERO);
+        }
+        let kept = weak.iter().filter(|w| w.upgrade().is_some()).count();
+        assert!(kept <= 3, "{kept} values held alone, past the bound");
+        assert!(weak[0].upgrade().is_some() || written.load(Ordering::SeqCst) > 0);
+        assert!(writer.flush(Duration::from_secs(5)));
+        assert!(
+            weak.iter().all(|w| w.upgrade().is_none()),
+            "a value was kept"
+        );
     }
 }
