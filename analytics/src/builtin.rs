@@ -382,14 +382,7 @@ mod tests {
 
     #[test]
     fn the_direct_daily_average_is_polars_group_by() {
-        // A small linear congruential generator: the cases are the same on every run.
-        let mut state: u64 = 0xDA117;
-        let mut next = |n: u64| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) % n
-        };
+        let mut next = crate::testing::numbers(0xDA117);
         // Short names, names of exactly 12 bytes, and names too long to sit in a view.
         let names = [
             "s",

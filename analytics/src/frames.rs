@@ -387,14 +387,7 @@ mod tests {
 
     #[test]
     fn merging_new_rows_into_a_held_frame_gives_the_order_of_a_full_sort() {
-        // A small linear congruential generator: the cases are the same on every run.
-        let mut state: u64 = 0x5C401A;
-        let mut next = |n: u64| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) % n
-        };
+        let mut next = crate::testing::numbers(0x5C401A);
         for case in 0..200 {
             let held_rows = next(300) as usize;
             let new_rows = [0, 1, 2, 5, 64, 65, 200][case % 7];

@@ -35,6 +35,9 @@ pub mod schedule;
 pub mod sql;
 mod worker;
 
+#[cfg(test)]
+mod testing;
+
 pub use analysis::{Analysis, Inputs};
 pub use registry::Registry;
 pub use routes::{AnalyticsState, router};
