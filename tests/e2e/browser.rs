@@ -49,7 +49,7 @@ async fn the_page_shows_partitions_waiting_then_draws_the_chart() {
 
     let artifacts = std::env::var("SCHOLIA_ARTIFACTS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| d.dir.clone());
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("ci-artifacts"));
     std::fs::create_dir_all(&artifacts).unwrap();
     let screenshot = artifacts.join("visualizer-page.png");
     let from = (today - Span::days(2)).to_string();

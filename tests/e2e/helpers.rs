@@ -146,14 +146,62 @@ pub struct Deployment {
     pub nats_url: Option<String>,
     pub nats_prefix: String,
     pub dir: PathBuf,
+    /// The shared server's admin URL, through which the database is dropped at the end.
+    admin_url: Option<String>,
 }
 
 /// A deployment's NATS stream goes with it (after its processes: the apps a test starts
-/// are dropped before the deployment it was given).
+/// are dropped before the deployment it was given), and so do its PostgreSQL database and
+/// its directory (the SQLite database and the servers' logs), unless the test failed:
+/// then both stay where the message printed says, to be looked at.
 impl Drop for Deployment {
     fn drop(&mut self) {
         drop(stream_cleanup(self));
+        if std::thread::panicking() {
+            let database = match self.backend {
+                Backend::Postgres => format!(" and the database {}", self.database_url),
+                Backend::Sqlite => String::new(),
+            };
+            eprintln!(
+                "the failed test's logs stay in {}{database}",
+                self.dir.display()
+            );
+            return;
+        }
+        if let Some(admin_url) = self.admin_url.take() {
+            drop_database(admin_url, &self.database_url);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Drop a test's database on the shared server, on a thread of its own (a test's runtime
+/// may be shutting down around the deployment being dropped).
+fn drop_database(admin_url: String, database_url: &str) {
+    let Some((_, name)) = database_url.rsplit_once('/') else {
+        return;
+    };
+    let name = name.to_string();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let drop = async {
+                let admin = sqlx::PgPool::connect(&admin_url).await.ok()?;
+                let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await;
+                admin.close().await;
+                dropped.ok()
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), drop).await;
+        });
+    })
+    .join();
 }
 
 impl Deployment {
@@ -169,6 +217,7 @@ impl Deployment {
                 nats_url: None,
                 nats_prefix: format!("t{}", &id[..12]),
                 dir,
+                admin_url: None,
             }),
             Backend::Postgres => {
                 let services = require_services(test).await?;
@@ -191,6 +240,7 @@ impl Deployment {
                     nats_url: Some(services.nats_url.clone()),
                     nats_prefix: format!("t{}", &id[..12]),
                     dir,
+                    admin_url: Some(services.pg_admin_url.clone()),
                 })
             }
         }
