@@ -151,12 +151,23 @@ pub struct Deployment {
 }
 
 /// A deployment's NATS stream goes with it (after its processes: the apps a test starts
-/// are dropped before the deployment it was given), and so do its PostgreSQL database and
-/// its directory (the SQLite database and the servers' logs), unless the test failed:
-/// then both stay where the message printed says, to be looked at.
+/// are dropped before the deployment it was given): each stream reserves storage on the
+/// shared NATS server, and streams left behind by finished tests would exhaust it
+/// (JetStream then refuses new streams, "insufficient storage resources"). So do its
+/// PostgreSQL database and its directory (the SQLite database and the servers' logs),
+/// unless the test failed: then both stay where the message printed says, to be looked at.
 impl Drop for Deployment {
     fn drop(&mut self) {
-        drop(stream_cleanup(self));
+        if let Some(url) = self.nats_url.clone() {
+            let name = self.nats_prefix.to_uppercase().replace('-', "_");
+            on_own_thread(Duration::from_secs(5), async move {
+                let client = async_nats::connect(&url).await.ok()?;
+                async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await
+                    .ok()
+            });
+        }
         if std::thread::panicking() {
             let database = match self.backend {
                 Backend::Postgres => format!(" and the database {}", self.database_url),
@@ -168,38 +179,32 @@ impl Drop for Deployment {
             );
             return;
         }
-        if let Some(admin_url) = self.admin_url.take() {
-            drop_database(admin_url, &self.database_url);
+        if let (Some(admin_url), Some((_, name))) =
+            (self.admin_url.take(), self.database_url.rsplit_once('/'))
+        {
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            on_own_thread(Duration::from_secs(10), async move {
+                let admin = sqlx::PgPool::connect(&admin_url).await.ok()?;
+                let dropped = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await;
+                admin.close().await;
+                dropped.ok()
+            });
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// Drop a test's database on the shared server, on a thread of its own (a test's runtime
-/// may be shutting down around the deployment being dropped).
-fn drop_database(admin_url: String, database_url: &str) {
-    let Some((_, name)) = database_url.rsplit_once('/') else {
-        return;
-    };
-    let name = name.to_string();
+/// Run a clean-up to its end (or for at most `limit`) on a thread and runtime of its own:
+/// a test's runtime may be shutting down around the deployment being dropped.
+fn on_own_thread<T>(limit: Duration, work: impl Future<Output = T> + Send + 'static) {
     let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        rt.block_on(async {
-            let drop = async {
-                let admin = sqlx::PgPool::connect(&admin_url).await.ok()?;
-                let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&admin)
-                .await;
-                admin.close().await;
-                dropped.ok()
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(10), drop).await;
-        });
+            .unwrap()
+            .block_on(async {
+                let _ = tokio::time::timeout(limit, work).await;
+            });
     })
     .join();
 }
@@ -650,44 +655,6 @@ pub fn close(a: Option<f64>, b: Option<f64>) -> bool {
         (None, None) => true,
         (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
         _ => false,
-    }
-}
-
-/// Deletes the deployment's NATS stream when dropped: each stream reserves storage on
-/// the shared NATS server, and streams left behind by finished tests would exhaust it
-/// (JetStream then refuses new streams, "insufficient storage resources").
-struct StreamCleanup(Option<(String, String)>);
-
-fn stream_cleanup(d: &Deployment) -> StreamCleanup {
-    StreamCleanup(
-        d.nats_url
-            .clone()
-            .map(|url| (url, d.nats_prefix.to_uppercase().replace('-', "_"))),
-    )
-}
-
-impl Drop for StreamCleanup {
-    fn drop(&mut self) {
-        let Some((url, name)) = self.0.take() else {
-            return;
-        };
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let delete = async {
-                    let client = async_nats::connect(&url).await.ok()?;
-                    async_nats::jetstream::new(client)
-                        .delete_stream(&name)
-                        .await
-                        .ok()
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(5), delete).await;
-            });
-        })
-        .join();
     }
 }
 
