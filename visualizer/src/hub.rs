@@ -2,8 +2,8 @@
 //! changes to them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -25,7 +25,7 @@ use scholia_events::{EventBody, LoggedEvent, PartitionKey, PartitionRun};
 use scholia_http::{ApiError, Core, Problem, QueryReader};
 
 use crate::protocol::{ClientMessage, ServerMessage};
-use crate::socket::{self, Handshake, Incoming, Outbox, Reader};
+use crate::socket::{self, Flusher, Handshake, Incoming, OnRecovered, Outbox, Reader};
 
 /// The largest message a client may send; a larger one closes its socket.
 const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
@@ -35,6 +35,8 @@ const SEND_QUEUE: usize = 256;
 /// A socket that cannot take one message in this long is closed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 64;
+/// The most tasks writing sockets' frames (at most one per core).
+const FLUSHER_TASKS: usize = 4;
 
 /// How much of the hub one token may hold.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +77,8 @@ struct Inner {
     /// analysis → (client, subscription id) → subscription.
     subs: RwLock<HashMap<String, SubsOfAnalysis>>,
     clients: RwLock<HashMap<u64, Arc<Client>>>,
+    /// Writes every socket's frames; started with the first socket.
+    flusher: OnceLock<Arc<Flusher>>,
 }
 
 /// The subscriptions to one analysis, by (client, subscription id).
@@ -117,18 +121,17 @@ impl Sub {
 }
 
 struct Client {
-    outbox: Outbox,
-    lagged: AtomicBool,
-    subs: Mutex<Vec<String>>,
+    outbox: Arc<Outbox>,
+    /// Its subscription ids.
+    subs: Arc<Mutex<Vec<String>>>,
     token: Uuid,
 }
 
 impl Client {
-    /// Queue a message without waiting; a full queue marks the client for `resync`.
+    /// Queue a message without waiting; a full queue drops it, and each of the client's
+    /// subscriptions gets a `resync` once the queue has emptied.
     fn offer(&self, text: impl Into<Bytes>) {
-        if !self.outbox.offer(text.into()) {
-            self.lagged.store(true, Ordering::Relaxed);
-        }
+        self.outbox.offer(text.into());
     }
 
     /// Queue a message, waiting for room (answers to the client's own requests).
@@ -148,6 +151,7 @@ impl Hub {
                 next_client: AtomicU64::new(1),
                 subs: RwLock::default(),
                 clients: RwLock::default(),
+                flusher: OnceLock::new(),
             }),
         }
     }
@@ -254,6 +258,7 @@ impl Hub {
                 let body = partition_body(&analysis, &view);
                 // One buffer per distinct subscription id (pages mostly use the same few).
                 let mut messages: HashMap<&str, Bytes> = HashMap::new();
+                let mut readies: HashMap<&str, Bytes> = HashMap::new();
                 let generation = view.generation.unwrap_or(0);
                 for sub in &subs {
                     if !sub.first_sight(&key, generation) {
@@ -271,7 +276,13 @@ impl Hub {
                             pending.remove(&key) && pending.is_empty()
                         };
                         if now_ready {
-                            client.offer(ServerMessage::Ready { sub: &sub.id }.text());
+                            let ready = readies
+                                .entry(sub.id.as_str())
+                                .or_insert_with(|| {
+                                    ServerMessage::Ready { sub: &sub.id }.text().into()
+                                })
+                                .clone();
+                            client.offer(ready);
                         }
                     }
                 }
@@ -757,10 +768,23 @@ impl Drop for SocketHold {
 async fn serve_socket(held: SocketHold, io: Box<dyn socket::Io>) {
     let hub = held.hub.clone();
     let id = hub.inner.next_client.fetch_add(1, Ordering::Relaxed);
+    let (read, write) = tokio::io::split(io);
+    let subs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let missed = subs.clone();
+    // The client missed updates while its queue was full: tell each subscription.
+    let on_recovered: OnRecovered = Box::new(move |outbox: &Outbox| {
+        let subs = missed.lock().expect("subs lock").clone();
+        for sub in subs {
+            outbox.offer(ServerMessage::Resync { sub: &sub }.text().into());
+        }
+    });
+    let flusher = hub.inner.flusher.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Flusher::start(cores.min(FLUSHER_TASKS))
+    });
     let client = Arc::new(Client {
-        outbox: Outbox::new(SEND_QUEUE),
-        lagged: AtomicBool::new(false),
-        subs: Mutex::new(Vec::new()),
+        outbox: Outbox::new(SEND_QUEUE, Box::new(write), flusher.clone(), on_recovered),
+        subs,
         token: held.token,
     });
     hub.inner
@@ -768,22 +792,9 @@ async fn serve_socket(held: SocketHold, io: Box<dyn socket::Io>) {
         .write()
         .expect("clients lock")
         .insert(id, client.clone());
-    let (read, mut write) = tokio::io::split(io);
 
-    let writer_client = client.clone();
-    let writer = tokio::spawn(async move {
-        let client = &writer_client;
-        socket::write_out(&mut write, &client.outbox, SEND_TIMEOUT, || {
-            // The client missed updates while its queue was full: tell each subscription.
-            if client.lagged.swap(false, Ordering::Relaxed) {
-                let subs = client.subs.lock().expect("subs lock").clone();
-                for sub in subs {
-                    client.offer(ServerMessage::Resync { sub: &sub }.text());
-                }
-            }
-        })
-        .await;
-    });
+    let outbox = client.outbox.clone();
+    let writer = tokio::spawn(async move { outbox.write_out(SEND_TIMEOUT).await });
 
     let mut reader = Reader::new(read, MAX_CLIENT_MESSAGE);
     loop {

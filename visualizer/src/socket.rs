@@ -3,15 +3,19 @@
 //!
 //! A socket costs its TCP stream, two small tasks and its outbox of shared buffers: no
 //! read or write buffer lives while it idles. A message goes out as one frame, its header
-//! and the shared payload in one vectored write, so fan-out copies nothing per socket.
+//! and the shared payload in one vectored write, so fan-out copies nothing per socket;
+//! the writes are made by a few flusher tasks for every socket, so it wakes no task per
+//! socket either, unless a connection cannot take its write at once.
 //! What is read is bounded: a client message (all its fragments) of at most
 //! `max_message` bytes, control frames of at most 125; clients must mask their frames.
 //! Pings are answered, a close is answered and ends the socket.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::Mutex;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -226,50 +230,131 @@ struct Frame {
     payload: Bytes,
 }
 
+impl Frame {
+    /// Its length on the wire, header included.
+    fn wire_len(&self) -> usize {
+        frame_head(self.opcode, self.payload.len()).1 + self.payload.len()
+    }
+}
+
+/// The writing half of a socket's connection.
+pub(crate) trait Sink: AsyncWrite + Send + Unpin {}
+impl<T: AsyncWrite + Send + Unpin> Sink for T {}
+
+/// What to send once a socket's queue has emptied after it refused a message (the
+/// client missed something and is told so).
+pub(crate) type OnRecovered = Box<dyn Fn(&Outbox) + Send + Sync>;
+
+/// A socket's outgoing frames and its connection's writing half.
+struct State {
+    queue: VecDeque<Frame>,
+    /// Bytes of the front frame already written.
+    written: usize,
+    /// The connection, while no one is writing to it.
+    io: Option<Box<dyn Sink>>,
+    /// In the flusher's list.
+    scheduled: bool,
+    /// The socket's own writer task writes until the queue is empty: the connection did
+    /// not take everything at once, or a close is queued.
+    handed_over: bool,
+}
+
 /// A socket's outgoing frames, bounded: messages share their buffers with every other
 /// socket they go to.
+///
+/// Frames are written by the [`Flusher`]'s few tasks, one vectored write per socket that
+/// does not wait, so a fan-out to thousands of sockets wakes no task per socket. A
+/// connection that cannot take a write at once is handed to the socket's own writer task
+/// ([`Outbox::write_out`]), which waits for it, up to its timeout, until the queue is
+/// empty again.
 pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<Frame>>,
+    state: Mutex<State>,
     capacity: usize,
-    /// Something was queued.
-    ready: Notify,
+    me: Weak<Outbox>,
+    flusher: Arc<Flusher>,
+    /// Wakes the socket's own writer task.
+    handover: Notify,
     /// Something was taken out.
     space: Notify,
     closed: AtomicBool,
+    /// A message was refused since the queue last emptied.
+    lagged: AtomicBool,
+    on_recovered: OnRecovered,
     /// The writer stopped: nothing more goes out.
     finished: AtomicBool,
     done: Notify,
 }
 
 impl Outbox {
-    pub(crate) fn new(capacity: usize) -> Self {
-        Outbox {
-            queue: Mutex::new(VecDeque::new()),
+    pub(crate) fn new(
+        capacity: usize,
+        io: Box<dyn Sink>,
+        flusher: Arc<Flusher>,
+        on_recovered: OnRecovered,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                written: 0,
+                io: Some(io),
+                scheduled: false,
+                handed_over: false,
+            }),
             capacity,
-            ready: Notify::new(),
+            me: me.clone(),
+            flusher,
+            handover: Notify::new(),
             space: Notify::new(),
             closed: AtomicBool::new(false),
+            lagged: AtomicBool::new(false),
+            on_recovered,
             finished: AtomicBool::new(false),
             done: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("outbox lock")
+    }
+
+    /// Queue `frame`, and give the flusher the socket unless a write is on its way
+    /// already (whoever holds the connection looks at the queue before giving it back).
+    fn enqueue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Frame) {
+        state.queue.push_back(frame);
+        let schedule = !(state.scheduled || state.handed_over || state.io.is_none());
+        state.scheduled |= schedule;
+        drop(state);
+        if schedule {
+            self.schedule();
+        }
+    }
+
+    fn schedule(&self) {
+        if let Some(me) = self.me.upgrade() {
+            self.flusher.schedule(me);
         }
     }
 
     /// Queue a text message without waiting; false when the queue is full (the message
-    /// is dropped) or the socket is closed.
+    /// is dropped, and the client is told once the queue has emptied) or the socket is
+    /// closed.
     pub(crate) fn offer(&self, text: Bytes) -> bool {
         if self.closed.load(Ordering::Relaxed) {
             return false;
         }
-        let mut queue = self.queue.lock().expect("outbox lock");
-        if queue.len() >= self.capacity {
+        let state = self.lock();
+        if state.queue.len() >= self.capacity {
+            drop(state);
+            self.lagged.store(true, Ordering::Relaxed);
             return false;
         }
-        queue.push_back(Frame {
-            opcode: TEXT,
-            payload: text,
-        });
-        drop(queue);
-        self.ready.notify_one();
+        self.enqueue(
+            state,
+            Frame {
+                opcode: TEXT,
+                payload: text,
+            },
+        );
         true
     }
 
@@ -282,35 +367,46 @@ impl Outbox {
             if self.closed.load(Ordering::Relaxed) {
                 return;
             }
-            {
-                let mut queue = self.queue.lock().expect("outbox lock");
-                if queue.len() < self.capacity {
-                    queue.push_back(Frame {
-                        opcode: TEXT,
-                        payload: text,
-                    });
-                    drop(queue);
-                    self.ready.notify_one();
-                    return;
-                }
+            if self.offer_if_room(&text) {
+                return;
             }
             space.await;
         }
     }
 
-    /// A control frame goes out whatever the queue holds.
-    fn push_control(&self, opcode: u8, payload: Bytes) {
-        self.queue
-            .lock()
-            .expect("outbox lock")
-            .push_back(Frame { opcode, payload });
-        self.ready.notify_one();
+    /// Queue `text` if the queue has room.
+    fn offer_if_room(&self, text: &Bytes) -> bool {
+        let state = self.lock();
+        if state.queue.len() >= self.capacity {
+            return false;
+        }
+        self.enqueue(
+            state,
+            Frame {
+                opcode: TEXT,
+                payload: text.clone(),
+            },
+        );
+        true
     }
 
-    /// Queue the close frame; nothing is queued after it.
+    /// A control frame goes out whatever the queue holds.
+    fn push_control(&self, opcode: u8, payload: Bytes) {
+        self.enqueue(self.lock(), Frame { opcode, payload });
+    }
+
+    /// Queue the close frame; nothing is queued after it. The socket's own writer sends
+    /// what is queued, then the close, and ends the connection.
     pub(crate) fn close(&self, code: u16) {
         if !self.closed.swap(true, Ordering::Relaxed) {
-            self.push_control(CLOSE, Bytes::copy_from_slice(&code.to_be_bytes()));
+            let mut state = self.lock();
+            state.queue.push_back(Frame {
+                opcode: CLOSE,
+                payload: Bytes::copy_from_slice(&code.to_be_bytes()),
+            });
+            state.handed_over = true;
+            drop(state);
+            self.handover.notify_one();
         }
         self.space.notify_waiters();
     }
@@ -328,92 +424,227 @@ impl Outbox {
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.queue.lock().expect("outbox lock").is_empty()
+    /// Take up to [`WRITE_BATCH`] frames into `frames` with the bytes of the first one
+    /// already written, and let senders waiting for room know.
+    fn take_batch(&self, state: &mut State, frames: &mut Vec<Frame>) -> usize {
+        let was_full = state.queue.len() >= self.capacity;
+        let n = state.queue.len().min(WRITE_BATCH);
+        frames.extend(state.queue.drain(..n));
+        if state.queue.is_empty() && state.queue.capacity() > 16 {
+            state.queue.shrink_to(4);
+        }
+        // Only a full queue has senders waiting for room.
+        if was_full {
+            self.space.notify_waiters();
+        }
+        std::mem::take(&mut state.written)
     }
 
-    /// Up to `max` frames, waiting for at least one: a writer that fell behind sends what
-    /// piled up in one write.
-    async fn next_batch(&self, max: usize, into: &mut Vec<Frame>) {
-        loop {
-            let ready = self.ready.notified();
-            tokio::pin!(ready);
-            {
-                let mut queue = self.queue.lock().expect("outbox lock");
-                if !queue.is_empty() {
-                    let was_full = queue.len() >= self.capacity;
-                    let n = queue.len().min(max);
-                    into.extend(queue.drain(..n));
-                    if queue.is_empty() && queue.capacity() > 16 {
-                        queue.shrink_to(4);
-                    }
-                    drop(queue);
-                    // Only a full queue has senders waiting for room.
-                    if was_full {
-                        self.space.notify_waiters();
-                    }
-                    return;
-                }
-            }
-            ready.await;
+    /// The queue emptied: if a message was refused since it last did, say so.
+    fn drained(&self) {
+        if self.lagged.swap(false, Ordering::Relaxed) {
+            (self.on_recovered)(self);
         }
     }
 
-    /// The next frame, waiting for one.
-    #[cfg(test)]
-    async fn next(&self) -> Frame {
-        let mut one = Vec::with_capacity(1);
-        self.next_batch(1, &mut one).await;
-        one.pop().expect("next_batch gives at least one frame")
+    /// Write what is queued without waiting (the flusher's part): as much as the
+    /// connection takes; the rest goes to the socket's own writer.
+    fn flush_now(&self, frames: &mut Vec<Frame>) {
+        let (mut io, skip) = {
+            let mut state = self.lock();
+            state.scheduled = false;
+            if state.handed_over || state.queue.is_empty() {
+                return;
+            }
+            // Someone is writing; they look at the queue before giving the connection back.
+            let Some(io) = state.io.take() else {
+                return;
+            };
+            let skip = self.take_batch(&mut state, frames);
+            (io, skip)
+        };
+        let (written, complete) = write_now(&mut io, frames, skip);
+        let mut state = self.lock();
+        if !complete {
+            // Back to the front of the queue, in order, from the first byte not written.
+            let (whole, into) = reach(frames, skip + written);
+            for frame in frames.drain(whole..).rev() {
+                state.queue.push_front(frame);
+            }
+            state.written = into;
+            state.handed_over = true;
+        }
+        frames.clear();
+        state.io = Some(io);
+        let handed_over = state.handed_over;
+        let reschedule = !handed_over && !state.queue.is_empty() && !state.scheduled;
+        state.scheduled |= reschedule;
+        let emptied = !handed_over && state.queue.is_empty();
+        drop(state);
+        if handed_over {
+            self.handover.notify_one();
+        }
+        if reschedule {
+            self.schedule();
+        }
+        if emptied {
+            self.drained();
+        }
+    }
+
+    /// The socket's own writer: while the socket is handed over, write what is queued,
+    /// waiting for the connection, until the queue is empty; stop when the connection
+    /// fails, takes no frame within `timeout`, or the close went out.
+    pub(crate) async fn write_out(&self, timeout: std::time::Duration) {
+        // Nothing held while the socket idles: the batch grows, and the write's buffers
+        // are boxed, only while there is something to write.
+        let mut frames = Vec::new();
+        loop {
+            let (mut io, skip) = loop {
+                let handover = self.handover.notified();
+                tokio::pin!(handover);
+                handover.as_mut().enable();
+                {
+                    let mut state = self.lock();
+                    if state.handed_over
+                        && let Some(io) = state.io.take()
+                    {
+                        let skip = self.take_batch(&mut state, &mut frames);
+                        break (io, skip);
+                    }
+                }
+                handover.await;
+            };
+            let written =
+                tokio::time::timeout(timeout, Box::pin(write_frames(&mut io, &frames, skip)));
+            let ok = matches!(written.await, Ok(Ok(())));
+            let closing = frames.iter().any(|f| f.opcode == CLOSE);
+            frames = Vec::new();
+            if !ok || closing {
+                let _ = tokio::time::timeout(timeout, io.shutdown()).await;
+                break;
+            }
+            let mut state = self.lock();
+            state.io = Some(io);
+            let emptied = state.queue.is_empty();
+            if emptied {
+                state.handed_over = false;
+            }
+            drop(state);
+            if emptied {
+                self.drained();
+            }
+        }
+        self.closed.store(true, Ordering::Relaxed);
+        self.space.notify_waiters();
+        self.finished.store(true, Ordering::Release);
+        self.done.notify_waiters();
     }
 }
 
-/// Write what `outbox` holds until it is closed or the peer stops taking frames within
-/// `timeout`; `after_each` runs when the outbox has just emptied.
-pub(crate) async fn write_out<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    outbox: &Outbox,
-    timeout: std::time::Duration,
-    mut after_each: impl FnMut(),
-) {
-    let mut frames = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        frames.clear();
-        outbox.next_batch(WRITE_BATCH, &mut frames).await;
-        let written = tokio::time::timeout(timeout, write_frames(io, &frames));
-        if !matches!(written.await, Ok(Ok(()))) {
-            break;
+/// Writes the sockets that have frames queued, a few tasks for all of them: a fan-out to
+/// 10,000 sockets is 10,000 writes that do not wait, in the order the sockets were given,
+/// rather than 10,000 task wake-ups. A socket given again before its turn goes out once,
+/// with everything queued by then.
+pub(crate) struct Flusher {
+    dirty: Mutex<VecDeque<Arc<Outbox>>>,
+    work: Notify,
+}
+
+/// Sockets a flusher task writes before it lets other tasks run.
+const FLUSH_BATCH: usize = 32;
+
+impl Flusher {
+    /// A flusher writing with `tasks` tasks of the current runtime.
+    pub(crate) fn start(tasks: usize) -> Arc<Flusher> {
+        let flusher = Arc::new(Flusher {
+            dirty: Mutex::new(VecDeque::new()),
+            work: Notify::new(),
+        });
+        for _ in 0..tasks.max(1) {
+            tokio::spawn(Arc::clone(&flusher).run());
         }
-        if frames.iter().any(|f| f.opcode == CLOSE) {
-            break;
-        }
-        if outbox.is_empty() {
-            after_each();
+        flusher
+    }
+
+    fn schedule(&self, outbox: Arc<Outbox>) {
+        let was_empty = {
+            let mut dirty = self.dirty.lock().expect("flusher lock");
+            dirty.push_back(outbox);
+            dirty.len() == 1
+        };
+        // A task that found the list empty waits; busy ones come back to it by themselves.
+        if was_empty {
+            self.work.notify_one();
         }
     }
-    outbox.closed.store(true, Ordering::Relaxed);
-    outbox.space.notify_waiters();
-    let _ = tokio::time::timeout(timeout, io.shutdown()).await;
-    outbox.finished.store(true, Ordering::Release);
-    outbox.done.notify_waiters();
+
+    async fn run(self: Arc<Self>) {
+        let mut batch: Vec<Arc<Outbox>> = Vec::with_capacity(FLUSH_BATCH);
+        let mut frames = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            let work = self.work.notified();
+            tokio::pin!(work);
+            work.as_mut().enable();
+            {
+                let mut dirty = self.dirty.lock().expect("flusher lock");
+                let n = dirty.len().min(FLUSH_BATCH);
+                batch.extend(dirty.drain(..n));
+                if !dirty.is_empty() {
+                    // More than this task's share: another one may take some.
+                    self.work.notify_one();
+                }
+            }
+            if batch.is_empty() {
+                work.await;
+                continue;
+            }
+            for outbox in batch.drain(..) {
+                outbox.flush_now(&mut frames);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// The most frames one write sends.
 const WRITE_BATCH: usize = 16;
 
-/// Unmasked, final frames, their headers and payloads in one vectored write (or as few as
-/// the connection takes).
-async fn write_frames<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Frame]) -> std::io::Result<()> {
-    let heads: Vec<([u8; 10], usize)> = frames
-        .iter()
-        .map(|f| frame_head(f.opcode, f.payload.len()))
-        .collect();
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.len() * 2);
-    for (frame, (head, len)) in frames.iter().zip(&heads) {
-        slices.push(IoSlice::new(&head[..*len]));
-        slices.push(IoSlice::new(&frame.payload));
+/// The headers of `frames` (at most [`WRITE_BATCH`]), and the slices of one vectored
+/// write of them from byte `skip` on.
+fn wire<'a>(
+    frames: &'a [Frame],
+    heads: &'a mut [([u8; 10], usize); WRITE_BATCH],
+    slices: &'a mut [IoSlice<'a>; 2 * WRITE_BATCH],
+    skip: usize,
+) -> &'a mut [IoSlice<'a>] {
+    assert!(
+        frames.len() <= WRITE_BATCH,
+        "at most WRITE_BATCH frames a write"
+    );
+    for (head, frame) in heads.iter_mut().zip(frames) {
+        *head = frame_head(frame.opcode, frame.payload.len());
     }
-    let mut rest = &mut slices[..];
+    let heads: &'a [([u8; 10], usize); WRITE_BATCH] = heads;
+    for (i, (frame, (head, len))) in frames.iter().zip(heads).enumerate() {
+        slices[2 * i] = IoSlice::new(&head[..*len]);
+        slices[2 * i + 1] = IoSlice::new(&frame.payload);
+    }
+    let mut rest = &mut slices[..2 * frames.len()];
+    IoSlice::advance_slices(&mut rest, skip);
+    rest
+}
+
+/// Unmasked, final frames, from byte `skip` of the first, their headers and payloads in
+/// one vectored write (or as few as the connection takes), waiting for the connection.
+async fn write_frames<W: AsyncWrite + Unpin + ?Sized>(
+    io: &mut W,
+    frames: &[Frame],
+    skip: usize,
+) -> std::io::Result<()> {
+    let mut heads = [([0u8; 10], 0); WRITE_BATCH];
+    let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
+    let mut rest = wire(frames, &mut heads, &mut slices, skip);
     while rest.iter().any(|s| !s.is_empty()) {
         let written = io.write_vectored(rest).await?;
         if written == 0 {
@@ -422,6 +653,45 @@ async fn write_frames<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Frame]) -> st
         IoSlice::advance_slices(&mut rest, written);
     }
     io.flush().await
+}
+
+/// The same, without waiting: the bytes the connection took, and whether that was all
+/// of them (flushed). A failed connection takes nothing more; the socket's own writer
+/// finds out and ends it.
+fn write_now(io: &mut Box<dyn Sink>, frames: &[Frame], skip: usize) -> (usize, bool) {
+    let mut heads = [([0u8; 10], 0); WRITE_BATCH];
+    let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
+    let mut rest = wire(frames, &mut heads, &mut slices, skip);
+    // Nothing waits on this context: a write that would block goes to the writer task,
+    // whose own poll registers its waker.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut written = 0;
+    while rest.iter().any(|s| !s.is_empty()) {
+        match Pin::new(&mut *io).poll_write_vectored(&mut cx, rest) {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                written += n;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            _ => return (written, false),
+        }
+    }
+    let flushed = matches!(Pin::new(&mut *io).poll_flush(&mut cx), Poll::Ready(Ok(())));
+    (written, flushed)
+}
+
+/// How far `bytes`, counted from the start of `frames[0]`, reach: the frames written
+/// whole, and the bytes written of the next one.
+fn reach(frames: &[Frame], mut bytes: usize) -> (usize, usize) {
+    let mut whole = 0;
+    while let Some(frame) = frames.get(whole) {
+        let len = frame.wire_len();
+        if bytes < len {
+            break;
+        }
+        bytes -= len;
+        whole += 1;
+    }
+    (whole, bytes)
 }
 
 /// A frame's header: final, unmasked, and its length; the bytes and how many are used.
@@ -447,22 +717,13 @@ fn frame_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
     (head, used)
 }
 
-/// One unmasked, final frame.
-#[cfg(test)]
-async fn write_frame<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    opcode: u8,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    let frame = Frame {
-        opcode,
-        payload: Bytes::copy_from_slice(payload),
-    };
-    write_frames(io, std::slice::from_ref(&frame)).await
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use tokio::io::DuplexStream;
+
     use super::*;
 
     /// The server's frames in `bytes`, as (opcode, payload).
@@ -485,26 +746,97 @@ mod tests {
         out
     }
 
+    /// An outbox writing into one end of an in-memory pipe that holds `pipe` bytes, its
+    /// own writer running; the other end, and how many times it told its client that
+    /// messages were missed (it sends `resync` then).
+    fn pipe_outbox(capacity: usize, pipe: usize) -> (Arc<Outbox>, DuplexStream, Arc<AtomicUsize>) {
+        let (ours, theirs) = tokio::io::duplex(pipe);
+        let recovered = Arc::new(AtomicUsize::new(0));
+        let count = recovered.clone();
+        let on_recovered: OnRecovered = Box::new(move |outbox: &Outbox| {
+            count.fetch_add(1, Ordering::Relaxed);
+            outbox.offer(Bytes::from_static(b"resync"));
+        });
+        let outbox = Outbox::new(capacity, Box::new(ours), Flusher::start(1), on_recovered);
+        let writer = outbox.clone();
+        tokio::spawn(async move { writer.write_out(Duration::from_secs(5)).await });
+        (outbox, theirs, recovered)
+    }
+
+    /// Everything the other end receives until the connection ends, as frames.
+    async fn received(mut theirs: DuplexStream) -> Vec<(u8, Vec<u8>)> {
+        let mut bytes = Vec::new();
+        theirs.read_to_end(&mut bytes).await.unwrap();
+        server_frames(&bytes)
+    }
+
     #[tokio::test]
-    async fn frames_that_piled_up_go_out_in_one_write_each_whole() {
-        let outbox = Outbox::new(8);
+    async fn frames_go_out_whole_and_in_order_and_the_close_last() {
+        let (outbox, theirs, _) = pipe_outbox(8, 1 << 20);
         let sizes = [5usize, 300, 70_000];
         for (i, n) in sizes.iter().enumerate() {
             assert!(outbox.offer(Bytes::from(vec![b'a' + i as u8; *n])));
         }
-        let mut frames = Vec::new();
-        outbox.next_batch(WRITE_BATCH, &mut frames).await;
-        assert_eq!(frames.len(), 3, "all three at once");
-        assert!(outbox.is_empty());
-        let mut wire: Vec<u8> = Vec::new();
-        write_frames(&mut wire, &frames).await.unwrap();
-        let read = server_frames(&wire);
-        assert_eq!(read.len(), 3);
+        outbox.close(1000);
+        let read = received(theirs).await;
+        assert_eq!(read.len(), 4);
         for (i, ((opcode, payload), n)) in read.iter().zip(sizes).enumerate() {
             assert_eq!(*opcode, TEXT);
             assert_eq!(payload.len(), n);
             assert!(payload.iter().all(|b| *b == b'a' + i as u8));
         }
+        assert_eq!(read[3], (CLOSE, 1000u16.to_be_bytes().to_vec()));
+        outbox.finished().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_takes_little_at_a_time_still_gets_every_frame_in_order() {
+        // A 64-byte pipe: writes stop midway through frames, and the socket's own writer
+        // takes over from the flusher, then gives it back once the queue is empty.
+        let (outbox, mut theirs, _) = pipe_outbox(32, 64);
+        let payload = |i: usize| Bytes::from(vec![i as u8; i * 37 % 500 + 1]);
+        for round in 0..2 {
+            let frames: Vec<Bytes> = (round * 10..round * 10 + 10).map(payload).collect();
+            for frame in &frames {
+                assert!(outbox.offer(frame.clone()));
+            }
+            let expected: usize = frames
+                .iter()
+                .map(|f| frame_head(TEXT, f.len()).1 + f.len())
+                .sum();
+            let mut bytes = vec![0u8; expected];
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            theirs.read_exact(&mut bytes).await.unwrap();
+            let read = server_frames(&bytes);
+            assert_eq!(read.len(), 10, "round {round}");
+            for ((opcode, got), sent) in read.iter().zip(&frames) {
+                assert_eq!((*opcode, &got[..]), (TEXT, &sent[..]));
+            }
+            // Let the own writer hand the socket back before the next round.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        outbox.close(1000);
+        assert_eq!(
+            received(theirs).await,
+            [(CLOSE, 1000u16.to_be_bytes().to_vec())]
+        );
+    }
+
+    #[test]
+    fn what_a_write_reached_is_counted_in_whole_frames_and_the_rest() {
+        let frames: Vec<Frame> = [3usize, 200]
+            .iter()
+            .map(|n| Frame {
+                opcode: TEXT,
+                payload: Bytes::from(vec![0; *n]),
+            })
+            .collect();
+        // Wire lengths 2 + 3 and 4 + 200.
+        assert_eq!(reach(&frames, 0), (0, 0));
+        assert_eq!(reach(&frames, 4), (0, 4));
+        assert_eq!(reach(&frames, 5), (1, 0));
+        assert_eq!(reach(&frames, 6), (1, 1));
+        assert_eq!(reach(&frames, 209), (2, 0));
     }
 
     /// A client frame: masked, as clients must send.
@@ -527,8 +859,8 @@ mod tests {
         out
     }
 
-    async fn read_all(bytes: Vec<u8>, max: usize) -> (Vec<Incoming>, Outbox) {
-        let outbox = Outbox::new(8);
+    async fn read_all(bytes: Vec<u8>, max: usize) -> (Vec<Incoming>, Arc<Outbox>, DuplexStream) {
+        let (outbox, theirs, _) = pipe_outbox(8, 1024);
         let mut reader = Reader::new(std::io::Cursor::new(bytes), max);
         let mut out = Vec::new();
         while let Some(message) = reader.next(&outbox).await {
@@ -538,7 +870,7 @@ mod tests {
                 break;
             }
         }
-        (out, outbox)
+        (out, outbox, theirs)
     }
 
     #[tokio::test]
@@ -547,7 +879,7 @@ mod tests {
         bytes.extend(client_frame(true, PING, b"hi"));
         bytes.extend(client_frame(true, CONTINUATION, "\"é\"}".as_bytes()));
         bytes.extend(client_frame(true, CLOSE, &1000u16.to_be_bytes()));
-        let (messages, outbox) = read_all(bytes, 1024).await;
+        let (messages, outbox, theirs) = read_all(bytes, 1024).await;
         assert_eq!(
             messages,
             [
@@ -555,24 +887,26 @@ mod tests {
                 Incoming::Close(1000)
             ]
         );
-        let pong = outbox.next().await;
-        assert_eq!((pong.opcode, &pong.payload[..]), (PONG, &b"hi"[..]));
+        outbox.close(1000);
+        let sent = received(theirs).await;
+        assert_eq!(sent[0], (PONG, b"hi".to_vec()));
+        assert_eq!(sent[1].0, CLOSE);
     }
 
     #[tokio::test]
     async fn too_large_unmasked_or_invalid_text_closes_with_the_right_code() {
-        let (m, _) = read_all(client_frame(true, TEXT, &[b'a'; 2000]), 1024).await;
+        let (m, ..) = read_all(client_frame(true, TEXT, &[b'a'; 2000]), 1024).await;
         assert_eq!(m, [Incoming::Close(1009)]);
         let mut unmasked = client_frame(true, TEXT, b"x");
         unmasked[1] &= 0x7F;
-        let (m, _) = read_all(unmasked, 1024).await;
+        let (m, ..) = read_all(unmasked, 1024).await;
         assert_eq!(m, [Incoming::Close(1002)]);
-        let (m, _) = read_all(client_frame(true, TEXT, &[0xff, 0xfe]), 1024).await;
+        let (m, ..) = read_all(client_frame(true, TEXT, &[0xff, 0xfe]), 1024).await;
         assert_eq!(m, [Incoming::Close(1007)]);
-        let (m, _) = read_all(client_frame(true, CONTINUATION, b"x"), 1024).await;
+        let (m, ..) = read_all(client_frame(true, CONTINUATION, b"x"), 1024).await;
         assert_eq!(m, [Incoming::Close(1002)]);
         // A connection that just ends is no message.
-        let (m, _) = read_all(client_frame(true, TEXT, b"abc")[..4].to_vec(), 1024).await;
+        let (m, ..) = read_all(client_frame(true, TEXT, b"abc")[..4].to_vec(), 1024).await;
         assert!(m.is_empty());
     }
 
@@ -616,21 +950,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_outbox_refuses_offers_and_a_closed_one_everything() {
-        let outbox = Outbox::new(2);
+    async fn a_full_outbox_refuses_offers_tells_its_client_once_emptied_and_a_closed_one_refuses_everything()
+     {
+        let (outbox, theirs, recovered) = pipe_outbox(2, 1024);
         assert!(outbox.offer(Bytes::from_static(b"1")));
         assert!(outbox.offer(Bytes::from_static(b"2")));
         assert!(!outbox.offer(Bytes::from_static(b"3")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(recovered.load(Ordering::Relaxed), 1);
         outbox.close(1000);
         assert!(!outbox.offer(Bytes::from_static(b"4")));
-        let frames: Vec<u8> = [
-            outbox.next().await,
-            outbox.next().await,
-            outbox.next().await,
-        ]
-        .iter()
-        .map(|f| f.opcode)
-        .collect();
-        assert_eq!(frames, [TEXT, TEXT, CLOSE]);
+        let frames: Vec<(u8, Vec<u8>)> = received(theirs).await;
+        assert_eq!(
+            frames,
+            [
+                (TEXT, b"1".to_vec()),
+                (TEXT, b"2".to_vec()),
+                (TEXT, b"resync".to_vec()),
+                (CLOSE, 1000u16.to_be_bytes().to_vec())
+            ]
+        );
+    }
+
+    /// One unmasked, final frame.
+    async fn write_frame<W: AsyncWrite + Unpin>(
+        io: &mut W,
+        opcode: u8,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let frame = Frame {
+            opcode,
+            payload: Bytes::copy_from_slice(payload),
+        };
+        write_frames(io, std::slice::from_ref(&frame), 0).await
     }
 }
