@@ -1,12 +1,13 @@
 //! The visualizer: the websocket hub at `/v1/ws` that feeds live charts, and the web
 //! page at `/`.
 //!
-//! Concurrency model: each socket has a reader task and a writer task joined by a
-//! bounded queue of outgoing messages. The hub follows the annotation cache's change
-//! stream (which already evicted what changed) and, for each event, reads what changed
-//! once, serializes it once, and offers it to every subscription it concerns without
-//! waiting: a client whose queue is full misses the update and gets `resync` instead,
-//! so a slow client never delays the others.
+//! Concurrency model: each socket has a reader task and a bounded queue of outgoing
+//! messages. A few flusher tasks write every socket's queue without waiting; a socket's
+//! own writer task takes over only while its connection cannot take a write. The hub
+//! follows the annotation cache's change stream (which already evicted what changed)
+//! and, for each event, reads what changed once, serializes it once, and offers it to
+//! every subscription it concerns without waiting: a client whose queue is full misses
+//! the update and gets `resync` instead, so a slow client never delays the others.
 
 mod hub;
 pub mod page;
