@@ -342,11 +342,35 @@ impl Outbox {
         if self.closed.load(Ordering::Relaxed) {
             return false;
         }
+        let queued = self.offer_if_room(text).is_ok();
+        if !queued {
+            self.lagged.store(true, Ordering::Relaxed);
+        }
+        queued
+    }
+
+    /// Queue a text message, waiting for room.
+    pub(crate) async fn send(&self, mut text: Bytes) {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            match self.offer_if_room(text) {
+                Ok(()) => return,
+                Err(back) => text = back,
+            }
+            space.await;
+        }
+    }
+
+    /// Queue `text` if the queue has room; it comes back when there is none.
+    fn offer_if_room(&self, text: Bytes) -> Result<(), Bytes> {
         let state = self.lock();
         if state.queue.len() >= self.capacity {
-            drop(state);
-            self.lagged.store(true, Ordering::Relaxed);
-            return false;
+            return Err(text);
         }
         self.enqueue(
             state,
@@ -355,39 +379,7 @@ impl Outbox {
                 payload: text,
             },
         );
-        true
-    }
-
-    /// Queue a text message, waiting for room.
-    pub(crate) async fn send(&self, text: Bytes) {
-        loop {
-            let space = self.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
-            if self.closed.load(Ordering::Relaxed) {
-                return;
-            }
-            if self.offer_if_room(&text) {
-                return;
-            }
-            space.await;
-        }
-    }
-
-    /// Queue `text` if the queue has room.
-    fn offer_if_room(&self, text: &Bytes) -> bool {
-        let state = self.lock();
-        if state.queue.len() >= self.capacity {
-            return false;
-        }
-        self.enqueue(
-            state,
-            Frame {
-                opcode: TEXT,
-                payload: text.clone(),
-            },
-        );
-        true
+        Ok(())
     }
 
     /// A control frame goes out whatever the queue holds.
