@@ -3,6 +3,7 @@
 //! with that scope (admin implies the others). Lookups are cached briefly, so that reads
 //! at tens of thousands of requests per second do not each cost a query.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,9 +21,9 @@ use crate::state::Core;
 #[derive(Clone)]
 pub struct Auth {
     tokens: Arc<dyn Tokens>,
-    /// Secret hash → token (or `None` for an unknown secret). Revocation in this process
-    /// clears it at once; other processes see it within the time to live.
-    cache: Cache<String, Option<Arc<Token>>>,
+    /// Secret digest → token (or `None` for an unknown secret). Revocation in this
+    /// process clears it at once; other processes see it within the time to live.
+    cache: Cache<[u8; 32], Option<Arc<Token>>>,
 }
 
 impl Auth {
@@ -38,14 +39,14 @@ impl Auth {
 
     /// The token of `secret`, if it has `scope`. A cached lookup is shared, not copied.
     pub async fn check(&self, secret: &str, scope: Scope) -> Result<Arc<Token>, ApiError> {
-        let hash = token::hash_secret(secret);
-        let found = match self.cache.get(&hash).await {
+        let digest = token::secret_digest(secret);
+        let found = match self.cache.get(&digest).await {
             Some(found) => found,
             None => {
                 let tokens = self.tokens.clone();
-                let lookup = hash.clone();
+                let lookup = hex::encode(digest);
                 self.cache
-                    .try_get_with(hash, async move {
+                    .try_get_with(digest, async move {
                         tokens.lookup(&lookup).await.map(|t| t.map(Arc::new))
                     })
                     .await
@@ -84,7 +85,7 @@ impl Auth {
 }
 
 /// The bearer secret of a request, or `?token=` where that is allowed.
-fn secret(parts: &Parts, allow_query: bool) -> Result<String, ApiError> {
+fn secret(parts: &Parts, allow_query: bool) -> Result<Cow<'_, str>, ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| {
             ApiError::unauthorized("The Authorization header is not readable text.")
@@ -92,7 +93,7 @@ fn secret(parts: &Parts, allow_query: bool) -> Result<String, ApiError> {
         return value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
-            .map(|s| s.trim().to_string())
+            .map(|s| Cow::Borrowed(s.trim()))
             .ok_or_else(|| {
                 ApiError::unauthorized("Send the token as 'Authorization: Bearer <token>'.")
             });
@@ -103,7 +104,7 @@ fn secret(parts: &Parts, allow_query: bool) -> Result<String, ApiError> {
             .split('&')
             .find_map(|pair| pair.strip_prefix("token="))
     {
-        return Ok(percent_decode(token));
+        return Ok(Cow::Owned(percent_decode(token)));
     }
     Err(ApiError::unauthorized(
         "This endpoint needs a token: send 'Authorization: Bearer <token>'. An admin creates one with 'scholia token create'.",
